@@ -1,0 +1,222 @@
+//! Range-based MMU notifiers: the primary side (guestmem) owns the list and
+//! calls it; secondary MMUs (the shadow EPT, the KVM mapping, device
+//! translation caches) implement [`MmuNotifier`].
+//!
+//! There is deliberately no per-page callback. Linux removed
+//! `invalidate_page` (v4.13) because it ran after the primary PTE was already
+//! gone and ignored huge pages; every change to the primary map is bracketed
+//! by [`MmuNotifier::invalidate_range_start`] and
+//! [`MmuNotifier::invalidate_range_end`], and a huge mapping is always
+//! invalidated as a whole (`PAGE_SIZE << order`, aligned).
+
+use std::sync::{Arc, RwLock};
+
+/// A page-aligned guest-physical byte range `[start, end)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GpaRange {
+    /// First byte of the range.
+    pub start: u64,
+    /// One past the last byte of the range.
+    pub end: u64,
+}
+
+impl GpaRange {
+    /// The range `[start, start + len)`.
+    pub const fn new(start: u64, len: u64) -> Self {
+        Self {
+            start,
+            end: start + len,
+        }
+    }
+
+    /// The aligned range covering a whole mapping of `PAGE_SIZE << order`
+    /// bytes that contains `gpa`.
+    pub const fn for_order(gpa: u64, order: u32) -> Self {
+        let len = crate::PAGE_SIZE << order;
+        let start = gpa & !(len - 1);
+        Self {
+            start,
+            end: start + len,
+        }
+    }
+
+    /// Length in bytes.
+    pub const fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    /// True when the range covers no byte.
+    pub const fn is_empty(&self) -> bool {
+        self.end <= self.start
+    }
+
+    /// True when the two ranges share at least one byte.
+    pub const fn overlaps(&self, other: &GpaRange) -> bool {
+        self.start < other.end && other.start < self.end
+    }
+}
+
+/// Why a range is being invalidated (for statistics and tracing only:
+/// subscribers must behave the same for every reason).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InvalidateReason {
+    /// The primary mapping is removed (e.g. guest reset, teardown).
+    Unmap,
+    /// A frame failed (hard poison).
+    Poison,
+    /// The frame is migrated to a new one (soft offline).
+    Migrate,
+    /// The guest gave the page to the balloon or reported it free.
+    Release,
+    /// A huge mapping is split into smaller ones.
+    Split,
+}
+
+/// One invalidation, as passed to both callbacks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Invalidation {
+    /// The guest-physical range whose translations must go.
+    pub range: GpaRange,
+    /// Why.
+    pub reason: InvalidateReason,
+}
+
+/// A secondary MMU that mirrors guestmem's guest-physical map.
+///
+/// Contract (the same as Linux's `mmu_notifier_ops`):
+/// - Between `invalidate_range_start` and the matching `invalidate_range_end`
+///   the subscriber must not create any new translation inside the range.
+/// - When `invalidate_range_start` returns, the subscriber holds no translation
+///   into the range; so once `invalidate_range_end` has run the old frames may
+///   be freed or reused.
+/// - Invalidations of disjoint or overlapping ranges may run concurrently.
+pub trait MmuNotifier: Send + Sync {
+    /// The primary map is about to change inside `inv.range`.
+    fn invalidate_range_start(&self, inv: &Invalidation);
+    /// The change inside `inv.range` is complete.
+    fn invalidate_range_end(&self, inv: &Invalidation);
+    /// The address space is being torn down; drop every translation.
+    fn release(&self) {}
+}
+
+/// Handle returned by [`NotifierList::register`], used to unregister.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NotifierId(u64);
+
+struct Entry {
+    id: NotifierId,
+    notifier: Arc<dyn MmuNotifier>,
+}
+
+/// The list of subscribers of one guest address space.
+///
+/// Registration and unregistration are safe while invalidations run: an
+/// invalidation calls `start` and `end` on the same snapshot of the list, and
+/// [`NotifierList::unregister`] waits until no invalidation still holds the
+/// removed subscriber (like `mmu_notifier_unregister` waiting for SRCU).
+#[derive(Default)]
+pub struct NotifierList {
+    entries: RwLock<Vec<Arc<Entry>>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+/// An invalidation in progress: `start` has been called on every subscriber
+/// of the snapshot; dropping the guard (or calling [`InvalidateGuard::end`])
+/// calls `end` on the same subscribers.
+#[must_use = "the invalidation ends when the guard is dropped"]
+pub struct InvalidateGuard {
+    snapshot: Vec<Arc<Entry>>,
+    inv: Invalidation,
+}
+
+impl InvalidateGuard {
+    /// The invalidation this guard brackets.
+    pub fn invalidation(&self) -> &Invalidation {
+        &self.inv
+    }
+
+    /// End the invalidation now.
+    pub fn end(self) {}
+}
+
+impl Drop for InvalidateGuard {
+    fn drop(&mut self) {
+        for e in &self.snapshot {
+            e.notifier.invalidate_range_end(&self.inv);
+        }
+    }
+}
+
+impl NotifierList {
+    /// An empty list.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add a subscriber. It sees every invalidation that starts after this
+    /// call returns.
+    pub fn register(&self, notifier: Arc<dyn MmuNotifier>) -> NotifierId {
+        let id = NotifierId(
+            self.next_id
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        );
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        entries.push(Arc::new(Entry { id, notifier }));
+        id
+    }
+
+    /// Remove a subscriber and wait until no invalidation in flight still
+    /// calls it. Returns false when `id` was not registered.
+    pub fn unregister(&self, id: NotifierId) -> bool {
+        let removed = {
+            let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+            match entries.iter().position(|e| e.id == id) {
+                Some(i) => entries.remove(i),
+                None => return false,
+            }
+        };
+        // Invalidations in flight hold clones of the entry; wait them out so
+        // the caller may free whatever the subscriber points at.
+        while Arc::strong_count(&removed) > 1 {
+            std::thread::yield_now();
+        }
+        true
+    }
+
+    /// Number of registered subscribers.
+    pub fn len(&self) -> usize {
+        self.entries.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// True when nobody is subscribed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Begin an invalidation of `range`: calls `invalidate_range_start` on
+    /// every subscriber and returns the guard that ends it.
+    pub fn invalidate_range_start(
+        &self,
+        range: GpaRange,
+        reason: InvalidateReason,
+    ) -> InvalidateGuard {
+        let snapshot = self
+            .entries
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let inv = Invalidation { range, reason };
+        for e in &snapshot {
+            e.notifier.invalidate_range_start(&inv);
+        }
+        InvalidateGuard { snapshot, inv }
+    }
+
+    /// Teardown: call `release` on every subscriber and empty the list.
+    pub fn release_all(&self) {
+        let entries = std::mem::take(&mut *self.entries.write().unwrap_or_else(|e| e.into_inner()));
+        for e in entries {
+            e.notifier.release();
+        }
+    }
+}

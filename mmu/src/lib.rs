@@ -1,0 +1,1 @@
+//! Shadow EPT-like secondary MMU.
