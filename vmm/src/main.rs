@@ -1,1 +1,127 @@
-fn main() {}
+//! The `vmm` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use vmm::config::{KernelSource, VmConfig, DEFAULT_MEM_MIB};
+use vmm::exit::{ExitReason, EXIT_SOFTWARE, EXIT_USAGE};
+
+/// A minimal KVM VMM whose guest RAM is managed like Linux's page allocator.
+#[derive(Parser)]
+#[command(name = "vmm", version, about)]
+struct Cli {
+    /// Log level: error, warn, info, debug, trace (default: warn, or $VMM_LOG).
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a guest. Without --kernel or --guest, boots the embedded demo guest.
+    Run(RunArgs),
+    /// List or extract the embedded test guests.
+    Guests {
+        /// Write every guest as DIR/<name>.elf instead of listing them.
+        #[arg(long, value_name = "DIR")]
+        extract: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Kernel image: ELF vmlinux (PVH note honoured) or bzImage.
+    #[arg(long, conflicts_with = "guest")]
+    kernel: Option<PathBuf>,
+    /// Boot an embedded test guest by name (see `vmm guests`).
+    #[arg(long)]
+    guest: Option<String>,
+    /// Initial ramdisk.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (default for --kernel: "console=ttyS0 reboot=k panic=1").
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = DEFAULT_MEM_MIB)]
+    mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket.
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    vmm::logger::init(cli.log_level.as_deref());
+    let status = match cli.cmd {
+        Command::Run(a) => run(a),
+        Command::Guests { extract } => guests(extract),
+    };
+    ExitCode::from(status as u8)
+}
+
+fn run(a: RunArgs) -> i32 {
+    let kernel = match (&a.kernel, &a.guest) {
+        (Some(p), _) => KernelSource::File(p.clone()),
+        (None, Some(g)) => KernelSource::Embedded(g.clone()),
+        (None, None) => KernelSource::Embedded("demo".into()),
+    };
+    let cmdline = a.cmdline.unwrap_or_else(|| match kernel {
+        KernelSource::File(_) => "console=ttyS0 reboot=k panic=1".into(),
+        KernelSource::Embedded(_) => String::new(),
+    });
+    let cfg = VmConfig {
+        kernel,
+        initrd: a.initrd,
+        cmdline,
+        mem_mib: a.mem,
+        vcpus: a.vcpus,
+        api_sock: a.api_sock,
+    };
+    match vmm::runner::run(&cfg) {
+        Ok(reason) => {
+            match &reason {
+                ExitReason::Crash(s) => eprintln!("vmm: guest crashed: {s}"),
+                ExitReason::Internal(s) => eprintln!("vmm: internal error: {s}"),
+                other => log::info!("guest exit: {other:?}"),
+            }
+            reason.status()
+        }
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            e.status()
+        }
+    }
+}
+
+fn guests(extract: Option<PathBuf>) -> i32 {
+    match extract {
+        None => {
+            for n in vmm::guests::names() {
+                println!("{n}");
+            }
+            0
+        }
+        Some(dir) => match vmm::guests::extract(&dir) {
+            Ok(paths) => {
+                for p in paths {
+                    println!("{}", p.display());
+                }
+                0
+            }
+            Err(e) => {
+                eprintln!("vmm: error: cannot write guests to {}: {e}", dir.display());
+                if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    EXIT_USAGE
+                } else {
+                    EXIT_SOFTWARE
+                }
+            }
+        },
+    }
+}

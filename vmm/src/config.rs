@@ -1,0 +1,119 @@
+//! Validated VM configuration from the command line.
+
+use std::path::PathBuf;
+
+/// Smallest RAM size accepted (room for boot structures, a kernel and its heap).
+pub const MIN_MEM_MIB: u64 = 16;
+/// Default RAM size (as Firecracker).
+pub const DEFAULT_MEM_MIB: u64 = 128;
+
+/// Where the kernel comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelSource {
+    /// A file (ELF vmlinux or bzImage).
+    File(PathBuf),
+    /// A guest of the embedded test-guest kit.
+    Embedded(String),
+}
+
+/// Everything `vmm run` needs.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// The kernel.
+    pub kernel: KernelSource,
+    /// Optional initrd.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// API socket path.
+    pub api_sock: Option<PathBuf>,
+}
+
+/// Configuration errors (exit status 64).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// RAM too small.
+    #[error("--mem {0} MiB is too small: the guest needs at least {MIN_MEM_MIB} MiB")]
+    MemTooSmall(u64),
+    /// RAM larger than the host has.
+    #[error("--mem {asked} MiB is more than this host's RAM ({host} MiB); choose a smaller size")]
+    MemTooLarge {
+        /// Requested.
+        asked: u64,
+        /// Host MemTotal.
+        host: u64,
+    },
+    /// Zero vCPUs.
+    #[error("--vcpus must be at least 1")]
+    NoVcpus,
+    /// More vCPUs than the MP table holds.
+    #[error("--vcpus {asked} is more than this VMM supports ({max}, limited by the MP table)")]
+    TooManyVcpus {
+        /// Requested.
+        asked: u32,
+        /// Maximum.
+        max: u32,
+    },
+    /// Unknown embedded guest.
+    #[error("no embedded guest named {name:?}; available: {available}")]
+    UnknownGuest {
+        /// Requested name.
+        name: String,
+        /// Known names.
+        available: String,
+    },
+    /// Command line too long.
+    #[error("--cmdline is {0} bytes; at most {max} bytes are accepted", max = crate::layout::CMDLINE_MAX_SIZE - 1)]
+    CmdlineTooLong(usize),
+}
+
+/// Host RAM in MiB (MemTotal), if /proc/meminfo can be read.
+pub fn host_mem_mib() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+impl VmConfig {
+    /// Check sizes and names; KVM-specific limits are checked when the VM is created.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.mem_mib < MIN_MEM_MIB {
+            return Err(ConfigError::MemTooSmall(self.mem_mib));
+        }
+        if let Some(host) = host_mem_mib() {
+            if self.mem_mib > host {
+                return Err(ConfigError::MemTooLarge {
+                    asked: self.mem_mib,
+                    host,
+                });
+            }
+        }
+        if self.vcpus == 0 {
+            return Err(ConfigError::NoVcpus);
+        }
+        let max = crate::boot::mptable::MAX_VCPUS;
+        if self.vcpus > max {
+            return Err(ConfigError::TooManyVcpus {
+                asked: self.vcpus,
+                max,
+            });
+        }
+        if self.cmdline.len() >= crate::layout::CMDLINE_MAX_SIZE {
+            return Err(ConfigError::CmdlineTooLong(self.cmdline.len()));
+        }
+        if let KernelSource::Embedded(name) = &self.kernel {
+            if crate::guests::find(name).is_none() {
+                return Err(ConfigError::UnknownGuest {
+                    name: name.clone(),
+                    available: crate::guests::names().join(", "),
+                });
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,8 @@
+//! Emulated devices and the buses the vCPUs dispatch port I/O and MMIO to.
+
+pub mod bus;
+pub mod debug_exit;
+pub mod legacy;
+pub mod serial;
+
+pub use bus::{Bus, BusDevice};

@@ -1,0 +1,268 @@
+//! Builds a VM from a [`VmConfig`], runs it on the event loop and returns the
+//! exit status.
+//!
+//! Threads: the main thread runs the event loop (stdin → UART, the API
+//! socket, the exit event); one thread per vCPU runs KVM_RUN and dispatches
+//! exits to the device buses.
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vm_memory::GuestMemoryBackend;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootSpec, KernelImage};
+use crate::config::{KernelSource, VmConfig};
+use crate::devices::{self, Bus};
+use crate::exit::{ExitReason, ExitSignal};
+use crate::memory::GuestRam;
+use crate::vstate::control::{self, VcpuControl};
+use crate::vstate::vcpu::{Vcpu, VcpuShared};
+use crate::vstate::vm::Vm;
+
+/// Errors that stop the VM from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// KVM unavailable or refused.
+    #[error(transparent)]
+    Vm(#[from] crate::vstate::vm::VmError),
+    /// vCPU setup failed.
+    #[error(transparent)]
+    Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    /// Loading the guest failed.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// Guest memory setup failed.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    /// The API socket cannot be served.
+    #[error("API socket: {0}")]
+    Api(String),
+    /// Anything else the host refused (eventfds, threads, epoll).
+    #[error("{what}: {err}")]
+    Host {
+        /// What failed.
+        what: &'static str,
+        /// The error.
+        err: std::io::Error,
+    },
+}
+
+impl RunError {
+    /// The process exit status for this error.
+    pub fn status(&self) -> i32 {
+        use crate::exit::*;
+        match self {
+            RunError::Config(_) => EXIT_USAGE,
+            RunError::Vm(crate::vstate::vm::VmError::TooManyVcpus { .. }) => EXIT_USAGE,
+            RunError::Vm(_) => EXIT_UNAVAILABLE,
+            RunError::Boot(boot::BootError::Cmdline(_)) => EXIT_USAGE,
+            RunError::Boot(boot::BootError::MpTable(_)) => EXIT_USAGE,
+            RunError::Boot(_) => EXIT_DATAERR,
+            RunError::Api(_) => EXIT_USAGE,
+            _ => EXIT_SOFTWARE,
+        }
+    }
+}
+
+fn host(what: &'static str) -> impl FnOnce(std::io::Error) -> RunError {
+    move |err| RunError::Host { what, err }
+}
+
+/// The vCPU threads of a running VM, shared by the runner and the API.
+#[derive(Default)]
+pub struct VcpuThreads(Mutex<Vec<JoinHandle<()>>>);
+
+impl VcpuThreads {
+    /// Pause all vCPUs (returns when every one is out of KVM_RUN).
+    pub fn pause(&self, control: &VcpuControl) {
+        control.pause(&self.0.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    fn stop(&self, control: &VcpuControl) {
+        let threads = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        for r in control.stop(threads) {
+            if r.is_err() {
+                log::error!("a vCPU thread panicked");
+            }
+        }
+    }
+}
+
+/// State the control API needs to act on the running VM.
+pub struct VmHandle {
+    /// Run/pause control.
+    pub control: Arc<VcpuControl>,
+    /// The vCPU threads.
+    pub threads: Arc<VcpuThreads>,
+    /// vCPU count.
+    pub vcpus: u32,
+    /// RAM in MiB.
+    pub mem_mib: u64,
+    /// Guest memory.
+    pub ram: Arc<GuestRam>,
+}
+
+struct ExitWatcher(Arc<ExitSignal>);
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.event(), EventSet::IN)) {
+            log::error!("cannot watch the exit event: {e:?}");
+        }
+    }
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.0.event().read();
+    }
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Build and run the VM; returns why it ended.
+pub fn run(cfg: &VmConfig) -> Result<ExitReason, RunError> {
+    cfg.validate()?;
+    control::install_kick_handler().map_err(host("install the vCPU kick signal handler"))?;
+    let vm = Vm::new(cfg.vcpus)?;
+    let mem_bytes = cfg.mem_mib << 20;
+    let ram = Arc::new(GuestRam::new(mem_bytes)?);
+    ram.register_memslots(&vm)?;
+
+    let exit = Arc::new(ExitSignal::new().map_err(host("create the exit eventfd"))?);
+
+    // Devices.
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host("create the serial irqfd"))?;
+    vm.fd
+        .register_irqfd(&serial_irq, devices::serial::COM1_IRQ)
+        .map_err(|e| {
+            host("register the serial irqfd")(std::io::Error::from_raw_os_error(e.errno()))
+        })?;
+    let drained =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(host("create the serial input eventfd"))?;
+    let serial = Arc::new(Mutex::new(devices::serial::SerialDevice::new(
+        serial_irq,
+        drained.try_clone().map_err(host("clone an eventfd"))?,
+        Box::new(std::io::stdout()),
+    )));
+    let mut io = Bus::new();
+    let bus_err = |e: devices::bus::BusError| RunError::Host {
+        what: "device layout",
+        err: std::io::Error::other(e),
+    };
+    io.insert(devices::serial::COM1_PORT, 8, serial.clone())
+        .map_err(bus_err)?;
+    io.insert(
+        devices::legacy::I8042_PORT,
+        5,
+        Arc::new(Mutex::new(devices::legacy::I8042::new(exit.clone()))),
+    )
+    .map_err(bus_err)?;
+    io.insert(
+        devices::debug_exit::DEBUG_EXIT_PORT,
+        1,
+        Arc::new(Mutex::new(devices::debug_exit::DebugExit::new(
+            exit.clone(),
+        ))),
+    )
+    .map_err(bus_err)?;
+    let mmio = Bus::new();
+
+    // Guest image.
+    let embedded;
+    let kernel = match &cfg.kernel {
+        KernelSource::File(p) => KernelImage::File(p),
+        KernelSource::Embedded(name) => {
+            embedded = crate::guests::find(name).expect("validated");
+            KernelImage::Embedded(name, embedded)
+        }
+    };
+    let spec = BootSpec {
+        kernel,
+        initrd: cfg.initrd.as_deref(),
+        cmdline: &cfg.cmdline,
+        mem_bytes,
+        vcpus: cfg.vcpus,
+        force_linux64: false,
+    };
+    let entry = boot::load(ram.mem(), &spec)?;
+    log::info!(
+        "guest entry {:#x} ({:?}), {} vCPUs, {} MiB",
+        entry.entry,
+        entry.mode,
+        cfg.vcpus,
+        cfg.mem_mib
+    );
+
+    // vCPUs.
+    let control = Arc::new(VcpuControl::new());
+    let shared = VcpuShared {
+        io: Arc::new(io),
+        mmio: Arc::new(mmio),
+        exit: exit.clone(),
+        control: control.clone(),
+    };
+    let supported = Vcpu::supported_cpuid(&vm.kvm)?;
+    let mut vcpus = Vec::new();
+    for i in 0..cfg.vcpus {
+        let v = Vcpu::new(&vm, &supported, i, cfg.vcpus, shared.clone())?;
+        if i == 0 {
+            v.setup_boot(ram.mem(), entry)?;
+        }
+        vcpus.push(v);
+    }
+
+    // Event loop.
+    let mut em: EventManager<Subscriber> = EventManager::new()
+        .map_err(|e| host("create the event loop")(std::io::Error::other(format!("{e:?}"))))?;
+    em.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
+    let stdin = std::io::stdin();
+    let _raw = crate::terminal::RawMode::enter(stdin.as_raw_fd());
+    em.add_subscriber(Arc::new(Mutex::new(crate::stdin::SerialInput::new(
+        stdin,
+        serial.clone(),
+        drained,
+    ))));
+
+    let threads = Arc::new(VcpuThreads::default());
+    let handle = VmHandle {
+        control: control.clone(),
+        threads: threads.clone(),
+        vcpus: cfg.vcpus,
+        mem_mib: cfg.mem_mib,
+        ram: ram.clone(),
+    };
+    if let Some(path) = &cfg.api_sock {
+        crate::api_glue::serve(&mut em, path, handle)?;
+    }
+
+    for (i, v) in vcpus.into_iter().enumerate() {
+        let t = std::thread::Builder::new()
+            .name(format!("vcpu{i}"))
+            .spawn(move || v.run())
+            .map_err(host("spawn a vCPU thread"))?;
+        threads.0.lock().unwrap_or_else(|e| e.into_inner()).push(t);
+    }
+
+    while exit.reason().is_none() {
+        if let Err(e) = em.run() {
+            exit.request(ExitReason::Internal(format!("event loop failed: {e:?}")));
+        }
+    }
+    threads.stop(&control);
+    let _ = std::io::stdout().flush();
+    if let Some(path) = &cfg.api_sock {
+        let _ = std::fs::remove_file(path);
+    }
+    drop(vm);
+    Ok(exit.reason().expect("loop ends only with a reason"))
+}
+
+/// Keep `GuestMemoryBackend` in scope for `ram.mem()` users.
+#[allow(dead_code)]
+fn _assert_backend<M: GuestMemoryBackend>(_: &M) {}

@@ -1,0 +1,6 @@
+//! KVM state: the VM and its vCPUs. All KVM ioctls of the VMM live here
+//! (besides the boot register setup in `boot::regs`).
+
+pub mod control;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,218 @@
+//! vCPU setup and the per-vCPU run loop (one thread per vCPU).
+
+use std::sync::Arc;
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+
+use super::control::VcpuControl;
+use crate::boot::{cpuid, regs, BootEntry};
+use crate::devices::Bus;
+use crate::exit::{ExitReason, ExitSignal};
+
+/// Errors creating or configuring a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A KVM vCPU ioctl failed.
+    #[error("vCPU {index}: KVM {what} failed: {err}")]
+    Ioctl {
+        /// vCPU index.
+        index: u32,
+        /// Which operation.
+        what: &'static str,
+        /// The error.
+        err: kvm_ioctls::Error,
+    },
+    /// Register setup failed.
+    #[error("vCPU {index}: {err}")]
+    Regs {
+        /// vCPU index.
+        index: u32,
+        /// The error.
+        err: regs::RegsError,
+    },
+}
+
+/// What a vCPU thread needs besides its fd.
+#[derive(Clone)]
+pub struct VcpuShared {
+    /// Port-I/O devices.
+    pub io: Arc<Bus>,
+    /// MMIO devices.
+    pub mmio: Arc<Bus>,
+    /// Where to report the end of the VM.
+    pub exit: Arc<ExitSignal>,
+    /// Run/pause/stop.
+    pub control: Arc<VcpuControl>,
+}
+
+/// One vCPU.
+pub struct Vcpu {
+    fd: VcpuFd,
+    index: u32,
+    shared: VcpuShared,
+}
+
+impl Vcpu {
+    /// Create vCPU `index` of `count` and give it CPUID, MSRs, FPU and LINT
+    /// state. The boot vCPU (index 0) also gets the entry state through
+    /// [`Vcpu::setup_boot`]; the others wait for INIT/SIPI from the guest.
+    pub fn new(
+        vm: &super::vm::Vm,
+        supported: &CpuId,
+        index: u32,
+        count: u32,
+        shared: VcpuShared,
+    ) -> Result<Self, VcpuError> {
+        let io_err = |what| move |err| VcpuError::Ioctl { index, what, err };
+        let fd = vm
+            .fd
+            .create_vcpu(u64::from(index))
+            .map_err(io_err("create vCPU"))?;
+        let mut c = supported.clone();
+        cpuid::fix_for_vcpu(&mut c, index, count);
+        fd.set_cpuid2(&c).map_err(io_err("set CPUID"))?;
+        let re = |err| VcpuError::Regs { index, err };
+        regs::setup_msrs(&fd).map_err(re)?;
+        regs::setup_fpu(&fd).map_err(re)?;
+        regs::setup_lint(&fd).map_err(re)?;
+        Ok(Self { fd, index, shared })
+    }
+
+    /// Supported CPUID of this host's KVM.
+    pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, VcpuError> {
+        kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|err| VcpuError::Ioctl {
+                index: 0,
+                what: "get supported CPUID",
+                err,
+            })
+    }
+
+    /// Put the boot vCPU at the guest's entry point.
+    pub fn setup_boot<M: vm_memory::GuestMemoryBackend>(
+        &self,
+        mem: &M,
+        entry: BootEntry,
+    ) -> Result<(), VcpuError> {
+        let re = |err| VcpuError::Regs {
+            index: self.index,
+            err,
+        };
+        regs::setup_sregs(mem, &self.fd, entry.mode).map_err(re)?;
+        regs::setup_regs(&self.fd, entry.mode, entry.entry).map_err(re)
+    }
+
+    /// The run loop; returns when the VM ends or the controller stops it.
+    pub fn run(mut self) {
+        while self.shared.control.wait_runnable() {
+            if let Some(reason) = self.run_once() {
+                self.shared.exit.request(reason);
+                return;
+            }
+        }
+    }
+
+    /// Enter the guest once and handle the exit. Returns a reason when the
+    /// VM must end.
+    fn run_once(&mut self) -> Option<ExitReason> {
+        let index = self.index;
+        match self.fd.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoOut(port, data) => {
+                    if !self.shared.io.write(u64::from(port), data) {
+                        log::debug!("vCPU {index}: write to unclaimed port {port:#x}");
+                    }
+                    None
+                }
+                VcpuExit::IoIn(port, data) => {
+                    if !self.shared.io.read(u64::from(port), data) {
+                        log::debug!("vCPU {index}: read from unclaimed port {port:#x}");
+                    }
+                    None
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    if !self.shared.mmio.read(addr, data) {
+                        log::debug!("vCPU {index}: MMIO read at unclaimed {addr:#x}");
+                    }
+                    None
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    if !self.shared.mmio.write(addr, data) {
+                        log::debug!("vCPU {index}: MMIO write at unclaimed {addr:#x}");
+                    }
+                    None
+                }
+                VcpuExit::Hlt => None,
+                VcpuExit::Shutdown => Some(ExitReason::Crash(format!(
+                    "vCPU {index}: triple fault (KVM_EXIT_SHUTDOWN); {}",
+                    self.describe_state()
+                ))),
+                VcpuExit::SystemEvent(kind, _) => match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitReason::Shutdown),
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => Some(ExitReason::Reset),
+                    other => Some(ExitReason::Crash(format!("vCPU {index}: system event {other} (guest crash)"))),
+                },
+                VcpuExit::InternalError => Some(ExitReason::Crash(self.describe_internal_error())),
+                VcpuExit::FailEntry(reason, cpu) => Some(ExitReason::Crash(format!(
+                    "vCPU {index}: VM entry failed (hardware reason {reason:#x} on host CPU {cpu}); {}",
+                    self.describe_state()
+                ))),
+                other => {
+                    let what = format!("{other:?}");
+                    Some(ExitReason::Crash(format!("vCPU {index}: unhandled KVM exit {what}; {}", self.describe_state())))
+                }
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                None
+            }
+            Err(e) => Some(ExitReason::Internal(format!("vCPU {index}: KVM_RUN failed: {e}"))),
+        }
+    }
+
+    fn describe_internal_error(&mut self) -> String {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the
+        // active member of the exit union.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let nd = (internal.ndata as usize).min(internal.data.len());
+        let what = match internal.suberror {
+            1 => "emulation failure",
+            2 => "simultaneous exceptions",
+            3 => "delivery event failure",
+            _ => "internal error",
+        };
+        let mut s = format!(
+            "vCPU {}: KVM internal error, suberror {} ({what}), data {:x?}",
+            self.index,
+            internal.suberror,
+            &internal.data[..nd]
+        );
+        if internal.suberror == 1 && nd >= 1 && internal.data[0] & 1 != 0 {
+            // Flag 1: instruction bytes follow (length byte, then bytes).
+            let bytes: Vec<u8> = internal.data[1..nd]
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .collect();
+            if let Some((&len, rest)) = bytes.split_first() {
+                let n = (len as usize).min(rest.len());
+                s.push_str(&format!(", instruction bytes {:02x?}", &rest[..n]));
+            }
+        }
+        s.push_str("; ");
+        s.push_str(&self.describe_state());
+        s
+    }
+
+    /// Registers worth reporting when a guest crashes.
+    fn describe_state(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+                r.rip, r.rsp, r.rflags, r.rax, s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+            ),
+            _ => "registers unavailable".to_string(),
+        }
+    }
+}
