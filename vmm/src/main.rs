@@ -22,6 +22,8 @@ struct Cli {
 enum Command {
     /// Boot a guest. Without --kernel or --guest, boots the embedded demo guest.
     Run(RunArgs),
+    /// Talk to a running vmm through its API socket.
+    Ctl(vmm::api::CtlArgs),
     /// List or extract the embedded test guests.
     Guests {
         /// Write every guest as DIR/<name>.elf instead of listing them.
@@ -61,6 +63,13 @@ fn main() -> ExitCode {
     let status = match cli.cmd {
         Command::Run(a) => run(a),
         Command::Guests { extract } => guests(extract),
+        Command::Ctl(a) => match vmm::api::cli::run(&a.api_sock, &a.cmd) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("vmm: error: {e}");
+                e.exit_status()
+            }
+        },
     };
     ExitCode::from(status as u8)
 }

@@ -45,6 +45,12 @@ impl GuestRam {
         &self.mem
     }
 
+    /// What `GET /memory` reports.
+    pub fn info(&self) -> serde_json::Value {
+        use vm_memory::GuestMemoryBackend;
+        serde_json::json!({ "backing": "anonymous", "size_mib": self.mem.iter().map(|r| vm_memory::GuestMemoryRegion::len(r)).sum::<u64>() >> 20 })
+    }
+
     /// Register every region as a KVM memory slot.
     pub fn register_memslots(&self, vm: &Vm) -> Result<(), MemoryError> {
         use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};

@@ -256,9 +256,6 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, RunError> {
     }
     threads.stop(&control);
     let _ = std::io::stdout().flush();
-    if let Some(path) = &cfg.api_sock {
-        let _ = std::fs::remove_file(path);
-    }
     drop(vm);
     Ok(exit.reason().expect("loop ends only with a reason"))
 }

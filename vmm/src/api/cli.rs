@@ -83,7 +83,12 @@ impl CtlCommand {
 /// with an error. A request that could not be completed is an `Err`; use
 /// [`ClientError::exit_status`] for its exit status.
 pub fn run(sock: &Path, cmd: &CtlCommand) -> Result<i32, ClientError> {
-    run_with_output(sock, cmd, &mut io::stdout().lock(), &mut io::stderr().lock())
+    run_with_output(
+        sock,
+        cmd,
+        &mut io::stdout().lock(),
+        &mut io::stderr().lock(),
+    )
 }
 
 /// [`run`] with explicit output streams.
@@ -148,7 +153,10 @@ mod tests {
         assert_eq!(a.api_sock, PathBuf::from("/s"));
         assert_eq!(a.cmd.request(), ("GET", "/vm", None));
         let a = parse(&["vmm", "ctl", "--api-sock", "/s", "pause"]);
-        assert_eq!(a.cmd.request(), ("PATCH", "/vm", Some(r#"{"state":"Paused"}"#)));
+        assert_eq!(
+            a.cmd.request(),
+            ("PATCH", "/vm", Some(r#"{"state":"Paused"}"#))
+        );
         let a = parse(&["vmm", "ctl", "--api-sock", "/s", "resume"]);
         assert_eq!(a.cmd, CtlCommand::Resume);
         let a = parse(&["vmm", "ctl", "--api-sock", "/s", "info"]);

@@ -166,8 +166,14 @@ pub fn run_ctl(
     })?;
     stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-    stream.write_all(&request)?;
-    let (status, body) = read_response(&mut stream)?;
+    // A server that rejects a connection outright (503: too many connections)
+    // answers and closes without reading; the answer is still worth reading.
+    let written = stream.write_all(&request);
+    let (status, body) = match (written, read_response(&mut stream)) {
+        (_, Ok(resp)) => resp,
+        (Err(e), Err(_)) => return Err(ClientError::Io(e)),
+        (Ok(()), Err(e)) => return Err(e),
+    };
     let body = String::from_utf8(body)
         .map_err(|_| ClientError::BadResponse("body is not UTF-8".to_string()))?;
     Ok((status, body))
@@ -198,7 +204,8 @@ mod tests {
 
     #[test]
     fn reads_responses() {
-        let mut r: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}extra";
+        let mut r: &[u8] =
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}extra";
         assert_eq!(read_response(&mut r).unwrap(), (200, b"{}".to_vec()));
         let mut r: &[u8] = b"HTTP/1.1 204 No Content\r\n\r\n";
         assert_eq!(read_response(&mut r).unwrap(), (204, Vec::new()));

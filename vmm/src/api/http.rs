@@ -107,7 +107,9 @@ pub enum HttpError {
     #[error("bad Content-Length {0:?}: expected one decimal byte count")]
     BadContentLength(String),
     /// The request uses `Transfer-Encoding` (chunked bodies are not supported).
-    #[error("Transfer-Encoding {0:?} is not supported: send the body with a Content-Length header")]
+    #[error(
+        "Transfer-Encoding {0:?} is not supported: send the body with a Content-Length header"
+    )]
     TransferEncoding(String),
     /// The request carries an `Expect` other than `100-continue`.
     #[error("unsupported Expect {0:?}: only 100-continue is supported")]
@@ -225,10 +227,7 @@ fn parse_header(line: &[u8]) -> Result<(String, String), HttpError> {
         return Err(bad());
     }
     let value = &line[colon + 1..];
-    if value
-        .iter()
-        .any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f)
-    {
+    if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
         return Err(bad());
     }
     let value = String::from_utf8_lossy(value)
@@ -281,7 +280,9 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed, HttpError> {
         match name.as_str() {
             "content-length" => {
                 let bad = || HttpError::BadContentLength(value.clone());
-                if value.is_empty() || value.len() > 19 || !value.bytes().all(|b| b.is_ascii_digit())
+                if value.is_empty()
+                    || value.len() > 19
+                    || !value.bytes().all(|b| b.is_ascii_digit())
                 {
                     return Err(bad());
                 }
@@ -409,7 +410,11 @@ impl Response {
 
     /// Appends the serialized response to `out`. `close` adds `Connection: close`.
     pub fn write_to(&self, out: &mut Vec<u8>, close: bool) {
-        let mut head = format!("HTTP/1.1 {} {}\r\nServer: vmm\r\n", self.status, reason(self.status));
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\nServer: vmm\r\n",
+            self.status,
+            reason(self.status)
+        );
         if let Some(allow) = &self.allow {
             head.push_str(&format!("Allow: {allow}\r\n"));
         }

@@ -76,9 +76,17 @@ fn expect_continue_is_reported_while_the_body_is_missing() {
 
 #[test]
 fn connection_semantics() {
-    assert!(!complete(b"GET /vm HTTP/1.1\r\nConnection: close\r\n\r\n").0.keep_alive);
+    assert!(
+        !complete(b"GET /vm HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .0
+            .keep_alive
+    );
     assert!(!complete(b"GET /vm HTTP/1.0\r\n\r\n").0.keep_alive);
-    assert!(complete(b"GET /vm HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").0.keep_alive);
+    assert!(
+        complete(b"GET /vm HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+            .0
+            .keep_alive
+    );
 }
 
 #[test]
@@ -114,7 +122,10 @@ fn bad_request_lines() {
         rejects(b"HELLO\r\n"),
         HttpError::BadRequestLine(l) if l == "HELLO"
     ));
-    assert_eq!(rejects(b"GET /vm HTTP/2.0\r\n\r\n"), HttpError::BadVersion("HTTP/2.0".into()));
+    assert_eq!(
+        rejects(b"GET /vm HTTP/2.0\r\n\r\n"),
+        HttpError::BadVersion("HTTP/2.0".into())
+    );
     assert_eq!(rejects(b"GET /vm HTTP/2.0\r\n\r\n").status(), 505);
 }
 
@@ -140,19 +151,33 @@ fn bad_headers() {
         "X: a\rb",
     ] {
         let raw = format!("GET /vm HTTP/1.1\r\n{line}\r\n\r\n");
-        assert!(matches!(rejects(raw.as_bytes()), HttpError::BadHeader(_)), "{line:?}");
+        assert!(
+            matches!(rejects(raw.as_bytes()), HttpError::BadHeader(_)),
+            "{line:?}"
+        );
     }
 }
 
 #[test]
 fn bare_lf_is_rejected_without_waiting() {
     assert_eq!(rejects(b"GET /vm HTTP/1.1\n"), HttpError::BareLf);
-    assert_eq!(rejects(b"GET /vm HTTP/1.1\r\nHost: x\n\r\n\r\n"), HttpError::BareLf);
+    assert_eq!(
+        rejects(b"GET /vm HTTP/1.1\r\nHost: x\n\r\n\r\n"),
+        HttpError::BareLf
+    );
 }
 
 #[test]
 fn bad_content_lengths() {
-    for value in ["", "-1", "+5", "0x10", "1 2", "99999999999999999999", "5, 5"] {
+    for value in [
+        "",
+        "-1",
+        "+5",
+        "0x10",
+        "1 2",
+        "99999999999999999999",
+        "5, 5",
+    ] {
         let raw = format!("PUT /x HTTP/1.1\r\nContent-Length: {value}\r\n\r\n");
         assert!(
             matches!(rejects(raw.as_bytes()), HttpError::BadContentLength(_)),
@@ -180,7 +205,10 @@ fn limits() {
     let e = rejects(raw.as_bytes());
     assert_eq!(e, HttpError::BodyTooLarge(big as u64));
     assert_eq!(e.status(), 413);
-    let ok = format!("PUT /x HTTP/1.1\r\nContent-Length: {MAX_BODY_BYTES}\r\n\r\n{}", "x".repeat(MAX_BODY_BYTES));
+    let ok = format!(
+        "PUT /x HTTP/1.1\r\nContent-Length: {MAX_BODY_BYTES}\r\n\r\n{}",
+        "x".repeat(MAX_BODY_BYTES)
+    );
     assert_eq!(complete(ok.as_bytes()).0.body.len(), MAX_BODY_BYTES);
 
     let mut long = b"GET /vm HTTP/1.1\r\nX: ".to_vec();
@@ -193,7 +221,10 @@ fn limits() {
     fits.resize(MAX_HEAD_BYTES - 4, b'a');
     fits.extend_from_slice(b"\r\n\r\n");
     assert_eq!(complete(&fits).1, MAX_HEAD_BYTES);
-    assert_eq!(rejects(&b"\r\n".repeat(MAX_HEAD_BYTES)), HttpError::HeadTooLarge);
+    assert_eq!(
+        rejects(&b"\r\n".repeat(MAX_HEAD_BYTES)),
+        HttpError::HeadTooLarge
+    );
 }
 
 #[test]
@@ -206,13 +237,22 @@ fn writes_responses() {
     );
     let mut out = Vec::new();
     Response::no_content().write_to(&mut out, true);
-    assert_eq!(out, b"HTTP/1.1 204 No Content\r\nServer: vmm\r\nConnection: close\r\n\r\n");
+    assert_eq!(
+        out,
+        b"HTTP/1.1 204 No Content\r\nServer: vmm\r\nConnection: close\r\n\r\n"
+    );
     let mut resp = Response::fault(405, "say \"no\"");
     resp.allow = Some("GET".into());
     let mut out = Vec::new();
     resp.write_to(&mut out, false);
     let text = String::from_utf8(out).unwrap();
-    assert!(text.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"), "{text}");
+    assert!(
+        text.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+        "{text}"
+    );
     assert!(text.contains("\r\nAllow: GET\r\n"));
-    assert!(text.ends_with(r#"{"fault_message":"say \"no\""}"#), "{text}");
+    assert!(
+        text.ends_with(r#"{"fault_message":"say \"no\""}"#),
+        "{text}"
+    );
 }

@@ -85,7 +85,9 @@ pub fn json_body<T: DeserializeOwned>(req: &Request) -> Result<T, ApiError> {
         )));
     }
     if req.body.is_empty() {
-        return Err(ApiError::BadRequest(format!("{what} needs a JSON body, got none")));
+        return Err(ApiError::BadRequest(format!(
+            "{what} needs a JSON body, got none"
+        )));
     }
     serde_json::from_slice(&req.body)
         .map_err(|e| ApiError::BadRequest(format!("bad JSON body for {what}: {e}")))
@@ -110,7 +112,11 @@ pub fn dispatch(vm: &mut dyn VmController, req: &Request) -> Response {
         paths.dedup();
         return Response::fault(
             404,
-            &format!("no such path {:?}; known paths: {}", req.path, paths.join(", ")),
+            &format!(
+                "no such path {:?}; known paths: {}",
+                req.path,
+                paths.join(", ")
+            ),
         );
     }
     let allow = allowed.join(", ");
@@ -128,9 +134,9 @@ pub fn dispatch(vm: &mut dyn VmController, req: &Request) -> Response {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::TestVm;
+    use super::super::{VmInfo, VmState};
     use super::*;
-    use crate::api::test_support::TestVm;
-    use crate::api::{VmInfo, VmState};
     use std::collections::BTreeSet;
 
     fn req(method: Method, path: &str, body: Option<&str>) -> Request {
@@ -204,7 +210,11 @@ mod tests {
             let mut vm = TestVm::new();
             let resp = dispatch(&mut vm, &req(Method::Patch, "/vm", Some(body)));
             assert_eq!(resp.status, 400, "{body}");
-            assert!(fault_of(&resp).contains(cause), "{body}: {}", fault_of(&resp));
+            assert!(
+                fault_of(&resp).contains(cause),
+                "{body}: {}",
+                fault_of(&resp)
+            );
             assert_eq!(vm.state, VmState::Running);
         }
         let mut vm = TestVm::new();

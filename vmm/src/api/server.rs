@@ -7,7 +7,8 @@
 //! While a connection has unsent output it is watched for `OUT` only, so a client
 //! that does not read cannot make the server buffer without bound. After a malformed
 //! request the server answers, shuts down its write side and discards input until
-//! the client closes, so the client reliably receives the error.
+//! the client closes, so a client still sending its request is not cut off with
+//! EPIPE before it reads the error.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -38,7 +39,11 @@ const READ_CHUNK: usize = 4096;
 pub enum ServerError {
     /// The path does not fit in `sockaddr_un`.
     #[error("API socket path {path:?} is {len} bytes; it must be shorter than {max} bytes: choose a shorter --api-sock path")]
-    PathTooLong { path: PathBuf, len: usize, max: usize },
+    PathTooLong {
+        path: PathBuf,
+        len: usize,
+        max: usize,
+    },
     /// Another process is accepting connections on the path.
     #[error("API socket {0:?} is in use by a running process: stop that process or choose another --api-sock path")]
     InUse(PathBuf),
@@ -227,8 +232,14 @@ impl Connection {
                     self.input.drain(..used);
                     self.continue_sent = false;
                     let resp = dispatch(vm, &req);
-                    debug!("API {} {} -> {}", req.method.as_str(), req.path, resp.status);
-                    let close = !req.keep_alive;
+                    debug!(
+                        "API {} {} -> {}",
+                        req.method.as_str(),
+                        req.path,
+                        resp.status
+                    );
+                    // Without Content-Length the framing of what follows is unknown.
+                    let close = !req.keep_alive || resp.status == 411;
                     resp.write_to(&mut self.output, close);
                     self.closing = close;
                     answered = true;
@@ -268,8 +279,9 @@ impl Connection {
         self.sent = 0;
         if self.closing && !self.write_shut {
             // Half-close so the client sees the response and EOF, then drain its
-            // input: closing with unread input would reset the connection and could
-            // destroy the response before the client reads it.
+            // input until it closes: closing our end while it is still sending would
+            // fail its writes (EPIPE), and clients such as curl then report the send
+            // error instead of our response.
             self.stream.shutdown(std::net::Shutdown::Write)?;
             self.write_shut = true;
             self.input.clear();
@@ -377,7 +389,9 @@ impl<C: VmController> ApiServer<C> {
             }
             if self.connections.len() >= MAX_CONNECTIONS {
                 let mut out = Vec::new();
-                let msg = format!("too many API connections (limit {MAX_CONNECTIONS}); close idle ones and retry");
+                let msg = format!(
+                    "too many API connections (limit {MAX_CONNECTIONS}); close idle ones and retry"
+                );
                 Response::fault(503, &msg).write_to(&mut out, true);
                 // Best effort: a fresh socket buffer holds this small response.
                 let _ = send(&stream, &out);
