@@ -31,7 +31,10 @@ pub fn vmm_bin() -> PathBuf {
 /// (a CI host without KVM is a broken host, not a skip); otherwise it prints
 /// why the test is skipped and returns false.
 pub fn kvm_available(test: &str) -> bool {
-    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm");
     match ok {
         Ok(_) => true,
         Err(e) => {
@@ -68,7 +71,9 @@ pub struct RunOutput {
 impl RunOutput {
     /// The exit code (panics if killed by a signal).
     pub fn code(&self) -> i32 {
-        self.status.code().unwrap_or_else(|| panic!("vmm killed by a signal: {self:?}"))
+        self.status
+            .code()
+            .unwrap_or_else(|| panic!("vmm killed by a signal: {self:?}"))
     }
 }
 
@@ -124,7 +129,9 @@ pub fn wait_output(mut child: Child, timeout: Duration) -> RunOutput {
             let _ = child.wait();
             let so = String::from_utf8_lossy(&t1.join().unwrap()).into_owned();
             let se = String::from_utf8_lossy(&t2.join().unwrap()).into_owned();
-            panic!("vmm did not exit within {timeout:?}\n--- stdout ---\n{so}\n--- stderr ---\n{se}");
+            panic!(
+                "vmm did not exit within {timeout:?}\n--- stdout ---\n{so}\n--- stderr ---\n{se}"
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     };
@@ -147,7 +154,11 @@ pub fn temp_dir(name: &str) -> PathBuf {
 pub fn wait_for_path(path: &Path, timeout: Duration) {
     let start = Instant::now();
     while !path.exists() {
-        assert!(start.elapsed() < timeout, "{} did not appear within {timeout:?}", path.display());
+        assert!(
+            start.elapsed() < timeout,
+            "{} did not appear within {timeout:?}",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }

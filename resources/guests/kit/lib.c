@@ -338,23 +338,49 @@ invalid:
 
 /* ---- time ---- */
 
-/* Ring 0: count TSC ticks over 20 ms of PIT channel 2 (mode 0, gate via port 0x61).
- * Returns 0 if the PIT does not seem to count. */
+/* Ring 0: one (TSC, PIT channel 2 count) sample; retried until the pair was
+ * read within `tight` TSC ticks, so a preempted vCPU does not skew it. */
+static bool pit_sample(u64 *tsc, u32 *count, u64 tight)
+{
+    for (int i = 0; i < 50; i++) {
+        u64 a = kit_rdtsc();
+        outb(0x43, 0x80); /* latch counter 2 */
+        u32 c = inb(0x42);
+        c |= (u32)inb(0x42) << 8;
+        u64 b = kit_rdtsc();
+        if (b - a <= tight) {
+            *tsc = a + (b - a) / 2;
+            *count = c;
+            return true;
+        }
+        tight += tight / 4;
+    }
+    return false;
+}
+
+/* Ring 0: TSC kHz from PIT channel 2 (mode 0 from 0xffff, ~55 ms): samples at
+ * the start and after the count dropped by >= 30000 ticks (~25 ms). 0 if the
+ * PIT does not count. */
 static u64 pit_calibrate(u64 unused)
 {
     (void)unused;
-    const u32 ms = 20, latch = 1193182 / (1000 / ms);
-    outb(0x61, (inb(0x61) & ~0x02) | 0x01);
-    outb(0x43, 0xb0);
-    outb(0x42, latch & 0xff);
-    outb(0x42, latch >> 8);
-    u64 t0 = kit_rdtsc();
-    u32 polls = 0;
-    while (!(inb(0x61) & 0x20))
-        if (++polls > 200000)
+    outb(0x61, (inb(0x61) & ~0x02) & ~0x01); /* gate low */
+    outb(0x43, 0xb0);                        /* counter 2, lobyte/hibyte, mode 0 */
+    outb(0x42, 0xff);
+    outb(0x42, 0xff);
+    outb(0x61, (inb(0x61) & ~0x02) | 0x01);  /* gate high: count */
+    u64 t0, t1;
+    u32 c0, c1;
+    const u64 tight = 200000; /* ~0.1 ms at 2 GHz: a few emulated port reads */
+    if (!pit_sample(&t0, &c0, tight))
+        return 0;
+    for (u32 polls = 0;; polls++) {
+        if (!pit_sample(&t1, &c1, tight) || polls > 100000)
             return 0;
-    u64 t1 = kit_rdtsc();
-    return (t1 - t0) / ms;
+        if (c1 < c0 && c0 - c1 >= 30000)
+            break;
+    }
+    return (t1 - t0) * 1193182 / (c0 - c1) / 1000;
 }
 
 u64 kit_tsc_khz(void)

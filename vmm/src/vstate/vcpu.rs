@@ -110,6 +110,11 @@ impl Vcpu {
                 self.shared.exit.request(reason);
                 return;
             }
+            // Another vCPU or a device (debug-exit, i8042 reset) ended the VM:
+            // do not re-enter the guest.
+            if self.shared.exit.reason().is_some() {
+                return;
+            }
         }
     }
 
