@@ -1,0 +1,158 @@
+//! Proptest: random fault / invalidate / split sequences against a flat
+//! model of what the shadow EPT must hold.
+#![cfg(not(feature = "loom"))]
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{assert_consistent, FlatPrimary};
+use guestmem::notifier::{GpaRange, InvalidateReason};
+use guestmem::PAGE_SIZE;
+use mmu::{ShadowEpt, HUGE_ORDER, HUGE_SIZE};
+use proptest::prelude::*;
+
+/// 8 MiB of RAM: 4 slots of 2 MiB, plus addresses past the end.
+const LIMIT: u64 = 4 * HUGE_SIZE;
+const PAGES: u64 = LIMIT / PAGE_SIZE + 16;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Fault { page: u64, write: bool },
+    Translate { page: u64, write: bool },
+    Unmap { page: u64, pages: u64 },
+    Migrate { page: u64 },
+    SplitPrimary { slot: u64 },
+    SplitEpt { page: u64 },
+    WriteProtect { page: u64, pages: u64 },
+    Age,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..PAGES, any::<bool>()).prop_map(|(page, write)| Op::Fault { page, write }),
+        2 => (0..PAGES, any::<bool>()).prop_map(|(page, write)| Op::Translate { page, write }),
+        1 => (0..PAGES, 1..700u64).prop_map(|(page, pages)| Op::Unmap { page, pages }),
+        1 => (0..PAGES).prop_map(|page| Op::Migrate { page }),
+        1 => (0..4u64).prop_map(|slot| Op::SplitPrimary { slot }),
+        1 => (0..PAGES).prop_map(|page| Op::SplitEpt { page }),
+        1 => (0..PAGES, 1..700u64).prop_map(|(page, pages)| Op::WriteProtect { page, pages }),
+        1 => Just(Op::Age),
+    ]
+}
+
+/// The model: leaves the EPT must hold, base -> (order, host, writable).
+type Model = BTreeMap<u64, (u32, u64, bool)>;
+
+fn model_find(m: &Model, gpa: u64) -> Option<(u64, u32, u64, bool)> {
+    let (&b, &(o, h, w)) = m.range(..=gpa).next_back()?;
+    (gpa < b + (PAGE_SIZE << o)).then_some((b, o, h, w))
+}
+
+fn model_zap(m: &mut Model, r: GpaRange) {
+    m.retain(|&b, &mut (o, _, _)| !GpaRange::new(b, PAGE_SIZE << o).overlaps(&r));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+    #[test]
+    fn ept_matches_flat_model(huge in proptest::collection::vec(any::<bool>(), 4),
+                              ops in proptest::collection::vec(op(), 1..60)) {
+        let ept = std::sync::Arc::new(ShadowEpt::new().unwrap());
+        let p = FlatPrimary::new(LIMIT, |i| huge[i as usize]);
+        p.list.register(ept.clone());
+        let mut m = Model::new();
+        for op in ops {
+            match op {
+                Op::Fault { page, write } => {
+                    let gpa = page * PAGE_SIZE;
+                    let r = ept.fault(gpa, write, 0, &p);
+                    if gpa >= LIMIT {
+                        prop_assert!(r.is_err());
+                        continue;
+                    }
+                    let t = r.unwrap();
+                    match model_find(&m, gpa) {
+                        Some((b, o, h, w)) if w || !write => {
+                            // Already mapped: the fast path returns it.
+                            prop_assert_eq!((t.gpa_base, t.order, t.host_addr), (b, o, h));
+                        }
+                        _ => {
+                            let (pb, po, ph) = p.mapping(gpa).unwrap();
+                            if po == HUGE_ORDER {
+                                prop_assert_eq!((t.gpa_base, t.order, t.host_addr), (pb, po, ph));
+                                model_zap(&mut m, GpaRange::new(pb, HUGE_SIZE));
+                            } else {
+                                prop_assert_eq!((t.gpa_base, t.order), (gpa, 0));
+                                prop_assert_eq!(t.host_addr, ph);
+                            }
+                            m.insert(t.gpa_base, (t.order, t.host_addr, true));
+                        }
+                    }
+                }
+                Op::Translate { page, write } => {
+                    let gpa = page * PAGE_SIZE;
+                    let got = ept.translate(gpa, write).map(|t| (t.gpa_base, t.order, t.host_addr));
+                    let want = model_find(&m, gpa)
+                        .filter(|&(_, _, _, w)| w || !write)
+                        .map(|(b, o, h, _)| (b, o, h));
+                    prop_assert_eq!(got, want);
+                }
+                Op::Unmap { page, pages } => {
+                    let r = GpaRange::new(page * PAGE_SIZE, pages * PAGE_SIZE);
+                    let mut wide = r;
+                    for (b, o, _) in p.unmap(r, InvalidateReason::Release) {
+                        wide.start = wide.start.min(b);
+                        wide.end = wide.end.max(b + (PAGE_SIZE << o));
+                    }
+                    model_zap(&mut m, wide);
+                }
+                Op::Migrate { page } => {
+                    if let Some((b, o, _)) = p.migrate(page * PAGE_SIZE) {
+                        model_zap(&mut m, GpaRange::new(b, PAGE_SIZE << o));
+                    }
+                }
+                Op::SplitPrimary { slot } => {
+                    p.split(slot * HUGE_SIZE);
+                    model_zap(&mut m, GpaRange::new(slot * HUGE_SIZE, HUGE_SIZE));
+                }
+                Op::SplitEpt { page } => {
+                    let gpa = page * PAGE_SIZE;
+                    let split = ept.split_huge(gpa).unwrap();
+                    match model_find(&m, gpa) {
+                        Some((b, HUGE_ORDER, h, w)) => {
+                            prop_assert!(split);
+                            m.remove(&b);
+                            for i in 0..512 {
+                                m.insert(b + i * PAGE_SIZE, (0, h + i * PAGE_SIZE, w));
+                            }
+                        }
+                        _ => prop_assert!(!split),
+                    }
+                }
+                Op::WriteProtect { page, pages } => {
+                    let r = GpaRange::new(page * PAGE_SIZE, pages * PAGE_SIZE);
+                    ept.write_protect(r);
+                    for (&b, v) in m.iter_mut() {
+                        if GpaRange::new(b, PAGE_SIZE << v.0).overlaps(&r) {
+                            v.2 = false;
+                        }
+                    }
+                }
+                Op::Age => {
+                    let young = ept.age(GpaRange::new(0, LIMIT));
+                    // Every mapped page was accessed when installed or split.
+                    prop_assert!(young.count() <= m.values().map(|v| 1u64 << v.0).sum::<u64>());
+                    prop_assert!(!ept.test_young(GpaRange::new(0, LIMIT)));
+                }
+            }
+            let got: Model = ept
+                .mappings(GpaRange::new(0, 1 << 48))
+                .into_iter()
+                .map(|t| (t.gpa_base, (t.order, t.host_addr, t.writable)))
+                .collect();
+            prop_assert_eq!(&got, &m);
+            assert_consistent(&ept, &p);
+        }
+    }
+}

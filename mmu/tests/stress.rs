@@ -1,0 +1,120 @@
+//! Multi-threaded stress: vCPU-like faulters, lock-free readers and a primary
+//! mutator race; invariant checkers run after every invalidation and at the
+//! end. Iteration counts are fixed (no timing).
+#![cfg(not(feature = "loom"))]
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use common::{assert_consistent, FlatPrimary};
+use guestmem::notifier::{GpaRange, InvalidateReason};
+use guestmem::PAGE_SIZE;
+use mmu::{FaultError, ShadowEpt, HUGE_SIZE};
+
+const LIMIT: u64 = 8 * HUGE_SIZE;
+
+/// xorshift, so runs differ only by seed.
+fn rng(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+#[test]
+fn faults_readers_and_invalidations_keep_invariants() {
+    let ept = Arc::new(ShadowEpt::new().unwrap());
+    let p = Arc::new(FlatPrimary::new(LIMIT, |i| i % 2 == 0));
+    p.list.register(ept.clone());
+    let done = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for cpu in 0..2 {
+        let (ept, p, done) = (ept.clone(), p.clone(), done.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut s = 0x9e37_79b9_7f4a_7c15 ^ (cpu as u64 + 1);
+            let mut n = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                let gpa = rng(&mut s) % LIMIT;
+                let write = rng(&mut s) % 3 == 1;
+                match ept.fault(gpa, write, cpu, &*p) {
+                    Ok(t) => {
+                        assert!(t.range().overlaps(&GpaRange::new(gpa, 1)));
+                        assert!(!write || t.writable);
+                    }
+                    Err(FaultError::Retry { .. }) => {}
+                    Err(e) => panic!("fault at {gpa:#x}: {e}"),
+                }
+                if let Some(t) = ept.translate(rng(&mut s) % LIMIT, false) {
+                    assert_eq!(t.host_addr % (PAGE_SIZE << t.order), 0);
+                }
+                n += 1;
+            }
+            n
+        }));
+    }
+    {
+        let (ept, done) = (ept.clone(), done.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut n = 0;
+            while !done.load(Ordering::Relaxed) {
+                ept.age(GpaRange::new(0, LIMIT));
+                ept.write_protect(GpaRange::new(0, LIMIT / 2));
+                n += 1;
+                std::thread::yield_now();
+            }
+            n
+        }));
+    }
+    // The mutator: after each invalidate_range_end, the old frames may be
+    // freed, so no leaf may map them any more.
+    let mut s = 42u64;
+    for i in 0..10_000 {
+        let gpa = rng(&mut s) % LIMIT;
+        let old = match i % 4 {
+            0 => p.migrate(gpa).into_iter().collect(),
+            1 => p.unmap(
+                GpaRange::new(gpa & !(PAGE_SIZE - 1), PAGE_SIZE * (1 + rng(&mut s) % 600)),
+                InvalidateReason::Release,
+            ),
+            2 => {
+                p.split(gpa);
+                Vec::new()
+            }
+            _ => {
+                let _ = ept.split_huge(gpa);
+                Vec::new()
+            }
+        };
+        for (base, order, host) in old {
+            let len = PAGE_SIZE << order;
+            for t in ept.mappings(GpaRange::new(base, len)) {
+                let lo = t.gpa_base.max(base);
+                let hi = (t.gpa_base + t.len()).min(base + len);
+                let mut g = lo;
+                while g < hi {
+                    assert_ne!(
+                        t.host_addr_of(g),
+                        host + (g - base),
+                        "stale leaf {t:x?} after invalidate_range_end"
+                    );
+                    g += PAGE_SIZE;
+                }
+            }
+        }
+    }
+    done.store(true, Ordering::Relaxed);
+    let counts: Vec<u64> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(
+        counts.iter().all(|&c| c > 0),
+        "every worker ran: {counts:?}"
+    );
+    assert_eq!(ept.invalidations_in_progress(), 0);
+    assert_consistent(&ept, &p);
+    let st = ept.stats();
+    assert!(
+        st.installs_4k > 0 && st.installs_2m > 0 && st.zapped_leaves > 0,
+        "{st:?}"
+    );
+}
