@@ -29,9 +29,12 @@ fn faults_readers_and_invalidations_keep_invariants() {
     let p = Arc::new(FlatPrimary::new(LIMIT, |i| i % 2 == 0));
     p.list.register(ept.clone());
     let done = Arc::new(AtomicBool::new(false));
+    // Per-worker progress, so the mutator keeps going until every worker has
+    // raced it (on a loaded 2-core machine they may start late).
+    let progress: Arc<[std::sync::atomic::AtomicU64; 3]> = Arc::new(Default::default());
     let mut threads = Vec::new();
     for cpu in 0..2 {
-        let (ept, p, done) = (ept.clone(), p.clone(), done.clone());
+        let (ept, p, done, progress) = (ept.clone(), p.clone(), done.clone(), progress.clone());
         threads.push(std::thread::spawn(move || {
             let mut s = 0x9e37_79b9_7f4a_7c15 ^ (cpu as u64 + 1);
             let mut n = 0u64;
@@ -50,18 +53,20 @@ fn faults_readers_and_invalidations_keep_invariants() {
                     assert_eq!(t.host_addr % (PAGE_SIZE << t.order), 0);
                 }
                 n += 1;
+                progress[cpu].store(n, Ordering::Relaxed);
             }
             n
         }));
     }
     {
-        let (ept, done) = (ept.clone(), done.clone());
+        let (ept, done, progress) = (ept.clone(), done.clone(), progress.clone());
         threads.push(std::thread::spawn(move || {
             let mut n = 0;
             while !done.load(Ordering::Relaxed) {
                 ept.age(GpaRange::new(0, LIMIT));
                 ept.write_protect(GpaRange::new(0, LIMIT / 2));
                 n += 1;
+                progress[2].store(n, Ordering::Relaxed);
                 std::thread::yield_now();
             }
             n
@@ -70,7 +75,12 @@ fn faults_readers_and_invalidations_keep_invariants() {
     // The mutator: after each invalidate_range_end, the old frames may be
     // freed, so no leaf may map them any more.
     let mut s = 42u64;
-    for i in 0..10_000 {
+    while progress.iter().any(|c| c.load(Ordering::Relaxed) == 0) {
+        std::thread::yield_now();
+    }
+    let mut i = 0u64;
+    while i < 10_000 || progress.iter().any(|c| c.load(Ordering::Relaxed) < 100) {
+        i += 1;
         let gpa = rng(&mut s) % LIMIT;
         let old = match i % 4 {
             0 => p.migrate(gpa).into_iter().collect(),
