@@ -1,8 +1,48 @@
 //! Guest RAM owned the way the Linux page allocator owns physical memory.
 //!
-//! This crate knows nothing about KVM.
+//! This crate knows nothing about KVM. Layers, bottom up:
+//! - [`pool`]: the memfd-backed frame pool (the VMM's direct map);
+//! - [`frame`]: one compact descriptor per 4 KiB frame;
+//! - [`buddy`] + [`pcp`] + [`alloc`]: the buddy allocator with per-vCPU
+//!   lists ([`FrameAllocator`]);
+//! - [`page_lock`]: the per-frame lock bit and hashed wait queues;
+//! - [`oom`]: the out-of-memory slow path and reclaim callbacks;
+//! - [`space`] + [`memory`]: the primary guest-physical map and
+//!   [`GuestMemory`], the object the VMM creates;
+//! - [`failure`]: memory failure, soft offline, unpoison;
+//! - [`check`]: statistics and the invariant checker;
+//! - [`notifier`]: the range-based MMU notifiers secondary MMUs implement.
+//!
+//! The lock order is documented in [`memory`] and in `DESIGN.md`.
 
+pub mod alloc;
+pub mod buddy;
+pub mod check;
+pub mod failure;
+pub mod frame;
+pub mod memory;
 pub mod notifier;
+pub mod oom;
+pub mod page_lock;
+pub mod pcp;
+pub mod pool;
+pub mod space;
+mod sync;
+
+pub use alloc::{AllocCounts, AllocError, FrameAllocator};
+pub use buddy::MAX_ORDER;
+pub use check::{CheckError, Stats};
+pub use failure::{FailureError, MfFlags, MfOutcome, SoftOfflineOutcome};
+pub use frame::{FrameDesc, FrameId, FrameState};
+pub use memory::{
+    CreateError, GuestMemory, GuestMemoryConfig, MemAllocError, ReleaseError, ReleaseReport,
+    ResolveError, Resolved,
+};
+pub use notifier::{GpaRange, InvalidateReason, Invalidation, MmuNotifier, NotifierList};
+pub use oom::{OutOfMemory, ReclaimFn, ReclaimId, ReclaimRequest};
+pub use page_lock::{KillSignal, Killed, PageLocks};
+pub use pcp::PcpConfig;
+pub use pool::{Backing, FramePool, PoolError};
 
 /// Size of a frame (a base page) in bytes.
 pub const PAGE_SIZE: u64 = 4096;

@@ -1,0 +1,305 @@
+//! Statistics and the invariant checker.
+//!
+//! [`GuestMemory::check`] stops the world (takes `ops`, the space lock,
+//! every per-vCPU list lock and the zone lock, in lock order) and verifies:
+//! every frame is in exactly one state (covered exactly once by a free
+//! block, a per-vCPU list entry, an allocated/mapped block, or is retired /
+//! reserved); the buddy lists are consistent (aligned heads of the right
+//! order, per-order counts, free total); no poisoned frame is reachable from
+//! any free list; the primary map and the reverse map agree; the counters
+//! match the descriptors.
+
+use std::sync::atomic::Ordering;
+
+use crate::buddy::MAX_ORDER;
+use crate::frame::{FrameState, HWPOISON};
+use crate::memory::GuestMemory;
+
+/// Counters (frames unless named otherwise).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Frames in the pool.
+    pub total: u64,
+    /// Frames free in the buddy lists.
+    pub free: u64,
+    /// Frames cached on per-vCPU lists.
+    pub pcp_cached: u64,
+    /// Frames handed out (mapped ones included).
+    pub allocated: u64,
+    /// Frames mapped into the guest.
+    pub mapped: u64,
+    /// Frames carrying the poison flag (hard failures and soft offlines).
+    pub poisoned: u64,
+    /// Frames retired (never handed out again).
+    pub retired: u64,
+    /// Frames retired by soft offline.
+    pub soft_offlined: u64,
+    /// Reserved frames.
+    pub reserved: u64,
+    /// Guest frames marked poisoned.
+    pub poisoned_gfns: u64,
+    /// Frames released to the host by `release_range` (cumulative).
+    pub released: u64,
+    /// Frames zeroed on population because they were not known clean.
+    pub zeroed: u64,
+    /// Times the OOM path ran.
+    pub oom_events: u64,
+    /// Allocations that failed with out-of-memory.
+    pub oom_failures: u64,
+    /// Reclaim callback invocations.
+    pub reclaim_runs: u64,
+    /// Bytes of host memory the pool's memfd holds.
+    pub resident_bytes: u64,
+}
+
+/// An invariant violation.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CheckError {
+    /// A frame's descriptor contradicts the lists or maps.
+    #[error("frame {frame}: {problem}")]
+    Frame {
+        /// The frame.
+        frame: u32,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The buddy free lists are inconsistent.
+    #[error("buddy lists: {0}")]
+    Buddy(String),
+    /// The primary map is inconsistent.
+    #[error("guest map: {0}")]
+    Map(String),
+    /// A counter disagrees with the descriptors.
+    #[error("counter {name}: counted {counted}, recorded {recorded}")]
+    Counter {
+        /// Which counter.
+        name: &'static str,
+        /// From the descriptors.
+        counted: u64,
+        /// The counter's value.
+        recorded: u64,
+    },
+}
+
+fn frame_err(frame: u32, problem: impl Into<String>) -> CheckError {
+    CheckError::Frame {
+        frame,
+        problem: problem.into(),
+    }
+}
+
+impl GuestMemory {
+    /// Counters.
+    pub fn stats(&self) -> Stats {
+        let c = self.alloc.counts();
+        let (mapped, poisoned_gfns) = {
+            let s = self.read_space();
+            (s.mapped, s.poisoned.len() as u64)
+        };
+        Stats {
+            total: c.total,
+            free: c.free,
+            pcp_cached: c.pcp_cached,
+            allocated: c.allocated,
+            mapped,
+            poisoned: c.poisoned,
+            retired: c.retired,
+            soft_offlined: c.soft_offlined,
+            reserved: c.reserved,
+            poisoned_gfns,
+            released: self.released.load(Ordering::Relaxed),
+            zeroed: self.zeroed.load(Ordering::Relaxed),
+            oom_events: self.oom.events.load(Ordering::Relaxed),
+            oom_failures: self.oom.failures.load(Ordering::Relaxed),
+            reclaim_runs: self.oom.reclaim_runs.load(Ordering::Relaxed),
+            resident_bytes: self.pool.resident_bytes(),
+        }
+    }
+
+    /// Verify every invariant (see the module docs).
+    pub fn check(&self) -> Result<(), CheckError> {
+        let _ops = self.lock_ops();
+        let space = self.read_space();
+        let a = &self.alloc;
+        let pcps: Vec<_> = a.pcps.iter().map(|p| p.list.lock()).collect();
+        let zone = a.lock_zone();
+        let n = a.frames() as usize;
+        let mut seen = vec![false; n];
+        let cover = |f: u32, seen: &mut Vec<bool>| -> Result<(), CheckError> {
+            let s = seen
+                .get_mut(f as usize)
+                .ok_or_else(|| frame_err(f, "beyond the pool"))?;
+            if *s {
+                return Err(frame_err(f, "in more than one state"));
+            }
+            *s = true;
+            Ok(())
+        };
+        // Buddy lists.
+        let mut free = 0u64;
+        for o in 0..=MAX_ORDER {
+            let mut count = 0;
+            for h in zone.blocks(o) {
+                count += 1;
+                if h & ((1 << o) - 1) != 0 {
+                    return Err(CheckError::Buddy(format!(
+                        "block {h} of order {o} not aligned"
+                    )));
+                }
+                if a.desc(h).state_order() != (FrameState::Buddy, o) {
+                    return Err(frame_err(
+                        h,
+                        format!(
+                            "on the order-{o} free list but {:?}",
+                            a.desc(h).state_order()
+                        ),
+                    ));
+                }
+                for f in h..h + (1 << o) {
+                    cover(f, &mut seen)?;
+                    if f != h && a.desc(f).state() != FrameState::Tail {
+                        return Err(frame_err(
+                            f,
+                            format!("inside free block {h} but {:?}", a.desc(f).state()),
+                        ));
+                    }
+                    if a.desc(f).has(HWPOISON) {
+                        return Err(frame_err(f, "poisoned frame on a buddy free list"));
+                    }
+                }
+                free += 1 << o;
+            }
+            if count != zone.count(o) {
+                return Err(CheckError::Buddy(format!(
+                    "order {o}: {count} blocks listed, count says {}",
+                    zone.count(o)
+                )));
+            }
+        }
+        if free != zone.nr_free {
+            return Err(CheckError::Counter {
+                name: "free",
+                counted: free,
+                recorded: zone.nr_free,
+            });
+        }
+        // Per-vCPU lists.
+        let mut allocated_rec = zone.allocated;
+        for (cpu, l) in pcps.iter().enumerate() {
+            allocated_rec += l.allocated;
+            for &f in &l.frames {
+                cover(f, &mut seen)?;
+                if a.desc(f).state_order() != (FrameState::Pcp, 0) {
+                    return Err(frame_err(
+                        f,
+                        format!("on vCPU {cpu}'s list but {:?}", a.desc(f).state_order()),
+                    ));
+                }
+                if a.desc(f).has(HWPOISON) {
+                    return Err(frame_err(f, format!("poisoned frame on vCPU {cpu}'s list")));
+                }
+            }
+        }
+        // Everything else.
+        let (mut allocated, mut mapped, mut retired) = (0u64, 0u64, 0u64);
+        let mut f = 0u32;
+        while (f as usize) < n {
+            if seen[f as usize] {
+                f += 1;
+                continue;
+            }
+            let (st, o) = a.desc(f).state_order();
+            match st {
+                FrameState::Allocated | FrameState::Mapped => {
+                    for t in f..f + (1 << o) {
+                        cover(t, &mut seen)?;
+                        if t != f && a.desc(t).state() != FrameState::Tail {
+                            return Err(frame_err(
+                                t,
+                                format!(
+                                    "inside block {f} of order {o} but {:?}",
+                                    a.desc(t).state()
+                                ),
+                            ));
+                        }
+                    }
+                    allocated += 1 << o;
+                    if st == FrameState::Mapped {
+                        mapped += 1 << o;
+                        let base = a
+                            .desc(f)
+                            .gfn()
+                            .ok_or_else(|| frame_err(f, "mapped without reverse map"))?;
+                        match space.lookup(base) {
+                            Some(m) if m.frame == f && m.order == o && m.gfn == base => {}
+                            other => {
+                                return Err(frame_err(
+                                    f,
+                                    format!("reverse map says gfn {base:#x}, map has {other:?}"),
+                                ))
+                            }
+                        }
+                        for t in f..f + (1 << o) {
+                            if a.desc(t).gfn() != Some(base + (t - f) as u64) {
+                                return Err(frame_err(t, "reverse map disagrees with its block"));
+                            }
+                            if a.desc(t).has(HWPOISON) {
+                                return Err(frame_err(t, "poisoned frame still mapped"));
+                            }
+                        }
+                    }
+                    f += 1 << o;
+                }
+                FrameState::Retired => {
+                    cover(f, &mut seen)?;
+                    if !a.desc(f).has(HWPOISON) {
+                        return Err(frame_err(f, "retired without the poison flag"));
+                    }
+                    retired += 1;
+                    f += 1;
+                }
+                FrameState::Reserved => {
+                    cover(f, &mut seen)?;
+                    f += 1;
+                }
+                s => {
+                    return Err(frame_err(
+                        f,
+                        format!("{s:?} but on no list and in no block"),
+                    ))
+                }
+            }
+        }
+        for m in space.mappings() {
+            if a.desc(m.frame).state_order() != (FrameState::Mapped, m.order) {
+                return Err(CheckError::Map(format!(
+                    "gfn {:#x} maps frame {} which is {:?}",
+                    m.gfn,
+                    m.frame,
+                    a.desc(m.frame).state_order()
+                )));
+            }
+            if space.poisoned.contains(&m.gfn) {
+                return Err(CheckError::Map(format!(
+                    "poisoned gfn {:#x} is mapped",
+                    m.gfn
+                )));
+            }
+        }
+        let checks = [
+            ("allocated", allocated, allocated_rec.max(0) as u64),
+            ("mapped", mapped, space.mapped),
+            ("retired", retired, a.retired.load(Ordering::Relaxed)),
+        ];
+        for (name, counted, recorded) in checks {
+            if counted != recorded {
+                return Err(CheckError::Counter {
+                    name,
+                    counted,
+                    recorded,
+                });
+            }
+        }
+        Ok(())
+    }
+}
