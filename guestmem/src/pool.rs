@@ -86,18 +86,50 @@ impl FramePool {
         if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
             return Err(PoolError::Truncate(std::io::Error::last_os_error()));
         }
-        // SAFETY: mapping a new shared region of `size` bytes of our memfd; the
-        // kernel chooses the address, so no existing mapping is replaced.
-        let base = unsafe {
+        // The direct map is 2 MiB aligned so that a 2 MiB block of frames is
+        // also a 2 MiB-aligned host range (what a secondary MMU needs for a
+        // huge leaf). Reserve an extra 2 MiB, map the memfd at the aligned
+        // address inside the reservation, and give the slop back.
+        const ALIGN: usize = 2 << 20;
+        let len = size as usize;
+        // SAFETY: a fresh PROT_NONE reservation chosen by the kernel.
+        let resv = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                size as usize,
+                len + ALIGN,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if resv == libc::MAP_FAILED {
+            return Err(PoolError::Mmap(std::io::Error::last_os_error()));
+        }
+        let aligned = (resv as usize + ALIGN - 1) & !(ALIGN - 1);
+        // SAFETY: `aligned..aligned + len` lies inside our own reservation, so
+        // MAP_FIXED replaces only memory this function owns.
+        let base = unsafe {
+            libc::mmap(
+                aligned as *mut libc::c_void,
+                len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE | libc::MAP_FIXED,
                 fd.as_raw_fd(),
                 0,
             )
         };
+        let head = aligned - resv as usize;
+        let tail = ALIGN - head;
+        // SAFETY: unmapping the unused parts of our own reservation.
+        unsafe {
+            if head > 0 {
+                libc::munmap(resv, head);
+            }
+            if tail > 0 {
+                libc::munmap((aligned + len) as *mut libc::c_void, tail);
+            }
+        }
         if base == libc::MAP_FAILED {
             return Err(PoolError::Mmap(std::io::Error::last_os_error()));
         }

@@ -31,6 +31,8 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// API socket path.
     pub api_sock: Option<PathBuf>,
+    /// What backs guest RAM.
+    pub mem_backing: crate::memory::RamBacking,
 }
 
 /// Configuration errors (exit status 64).

@@ -55,6 +55,10 @@ struct RunArgs {
     /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket.
     #[arg(long)]
     api_sock: Option<PathBuf>,
+    /// What backs guest RAM: guestmem frames demand-paged through the shadow
+    /// EPT, or plain anonymous memory faulted in by KVM (benchmark baseline).
+    #[arg(long, value_enum, default_value_t = vmm::memory::RamBacking::Guestmem)]
+    mem_backing: vmm::memory::RamBacking,
 }
 
 fn main() -> ExitCode {
@@ -91,6 +95,7 @@ fn run(a: RunArgs) -> i32 {
         mem_mib: a.mem,
         vcpus: a.vcpus,
         api_sock: a.api_sock,
+        mem_backing: a.mem_backing,
     };
     match vmm::runner::run(&cfg) {
         Ok(reason) => {

@@ -21,7 +21,7 @@ use crate::devices::{self, Bus};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::GuestRam;
 use crate::vstate::control::{self, VcpuControl};
-use crate::vstate::vcpu::{Vcpu, VcpuShared};
+use crate::vstate::vcpu::{MceState, Vcpu, VcpuShared};
 use crate::vstate::vm::Vm;
 
 /// Errors that stop the VM from starting.
@@ -108,6 +108,8 @@ pub struct VmHandle {
     pub mem_mib: u64,
     /// Guest memory.
     pub ram: Arc<GuestRam>,
+    /// Machine-check queues.
+    pub mce: Arc<MceState>,
 }
 
 struct ExitWatcher(Arc<ExitSignal>);
@@ -129,12 +131,17 @@ type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 pub fn run(cfg: &VmConfig) -> Result<ExitReason, RunError> {
     cfg.validate()?;
     control::install_kick_handler().map_err(host("install the vCPU kick signal handler"))?;
+    crate::vstate::mce::install_sigbus_handler().map_err(host("install the SIGBUS handler"))?;
     let vm = Vm::new(cfg.vcpus)?;
     let mem_bytes = cfg.mem_mib << 20;
-    let ram = Arc::new(GuestRam::new(mem_bytes)?);
-    ram.register_memslots(&vm)?;
-
     let exit = Arc::new(ExitSignal::new().map_err(host("create the exit eventfd"))?);
+    let ram = Arc::new(GuestRam::new(
+        mem_bytes,
+        cfg.vcpus,
+        cfg.mem_backing,
+        exit.clone(),
+    )?);
+    ram.register_memslots(&vm)?;
 
     // Devices.
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host("create the serial irqfd"))?;
@@ -201,13 +208,26 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, RunError> {
 
     // vCPUs.
     let control = Arc::new(VcpuControl::new());
+    let supported = Vcpu::supported_cpuid(&vm.kvm)?;
+    let vendor = supported
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0)
+        .map(|e| crate::vstate::mce::vendor_of(e.ebx, e.edx, e.ecx))
+        .unwrap_or(crate::vstate::mce::McaVendor::Intel);
+    let mce = Arc::new(MceState::new(
+        crate::vstate::mce::guest_mcg_cap(&vm.kvm),
+        vendor,
+        cfg.vcpus,
+    ));
     let shared = VcpuShared {
         io: Arc::new(io),
         mmio: Arc::new(mmio),
         exit: exit.clone(),
         control: control.clone(),
+        ram: ram.clone(),
+        mce: mce.clone(),
     };
-    let supported = Vcpu::supported_cpuid(&vm.kvm)?;
     let mut vcpus = Vec::new();
     for i in 0..cfg.vcpus {
         let v = Vcpu::new(&vm, &supported, i, cfg.vcpus, shared.clone())?;
@@ -236,6 +256,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, RunError> {
         vcpus: cfg.vcpus,
         mem_mib: cfg.mem_mib,
         ram: ram.clone(),
+        mce,
     };
     if let Some(path) = &cfg.api_sock {
         crate::api_glue::serve(&mut em, path, handle)?;
@@ -255,6 +276,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, RunError> {
         }
     }
     threads.stop(&control);
+    ram.stop_pager();
     let _ = std::io::stdout().flush();
     drop(vm);
     Ok(exit.reason().expect("loop ends only with a reason"))

@@ -2,5 +2,6 @@
 //! (besides the boot register setup in `boot::regs`).
 
 pub mod control;
+pub mod mce;
 pub mod vcpu;
 pub mod vm;

@@ -6,6 +6,7 @@ use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 
 use super::control::VcpuControl;
+use super::mce;
 use crate::boot::{cpuid, regs, BootEntry};
 use crate::devices::Bus;
 use crate::exit::{ExitReason, ExitSignal};
@@ -22,6 +23,14 @@ pub enum VcpuError {
         what: &'static str,
         /// The error.
         err: kvm_ioctls::Error,
+    },
+    /// Machine-check setup failed.
+    #[error("vCPU {index}: {err}")]
+    Mce {
+        /// vCPU index.
+        index: u32,
+        /// The error.
+        err: mce::MceError,
     },
     /// Register setup failed.
     #[error("vCPU {index}: {err}")]
@@ -44,6 +53,50 @@ pub struct VcpuShared {
     pub exit: Arc<ExitSignal>,
     /// Run/pause/stop.
     pub control: Arc<VcpuControl>,
+    /// Guest RAM (fault accounting, poison addresses).
+    pub ram: Arc<crate::memory::GuestRam>,
+    /// Machine-check state shared by all vCPUs.
+    pub mce: Arc<MceState>,
+}
+
+/// Machine-check configuration and per-vCPU queues of pending checks.
+pub struct MceState {
+    /// MCG_CAP given to every vCPU (None: KVM has no MCE support).
+    pub mcg_cap: Option<u64>,
+    /// Encoding the guest expects.
+    pub vendor: mce::McaVendor,
+    pending: Vec<std::sync::Mutex<Vec<(mce::McAction, u64)>>>,
+}
+
+impl MceState {
+    /// State for `vcpus` vCPUs.
+    pub fn new(mcg_cap: Option<u64>, vendor: mce::McaVendor, vcpus: u32) -> Self {
+        Self {
+            mcg_cap,
+            vendor,
+            pending: (0..vcpus).map(|_| Default::default()).collect(),
+        }
+    }
+
+    /// Queue a machine check for vCPU `index` (the caller kicks it).
+    pub fn queue(&self, index: u32, action: mce::McAction, gpa: u64) -> bool {
+        match self.pending.get(index as usize) {
+            Some(q) => {
+                q.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((action, gpa));
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn take(&self, index: u32) -> Vec<(mce::McAction, u64)> {
+        self.pending
+            .get(index as usize)
+            .map(|q| std::mem::take(&mut *q.lock().unwrap_or_else(|e| e.into_inner())))
+            .unwrap_or_default()
+    }
 }
 
 /// One vCPU.
@@ -76,6 +129,9 @@ impl Vcpu {
         regs::setup_msrs(&fd).map_err(re)?;
         regs::setup_fpu(&fd).map_err(re)?;
         regs::setup_lint(&fd).map_err(re)?;
+        if let Some(cap) = shared.mce.mcg_cap {
+            mce::setup(&fd, cap).map_err(|e| VcpuError::Mce { index, err: e })?;
+        }
         Ok(Self { fd, index, shared })
     }
 
@@ -105,8 +161,10 @@ impl Vcpu {
 
     /// The run loop; returns when the VM ends or the controller stops it.
     pub fn run(mut self) {
+        mce::mark_vcpu_thread();
+        self.shared.ram.register_vcpu_thread(self.index);
         while self.shared.control.wait_runnable() {
-            if let Some(reason) = self.run_once() {
+            if let Some(reason) = self.run_once().or_else(|| self.deliver_machine_checks()) {
                 self.shared.exit.request(reason);
                 return;
             }
@@ -174,6 +232,41 @@ impl Vcpu {
             }
             Err(e) => Some(ExitReason::Internal(format!("vCPU {index}: KVM_RUN failed: {e}"))),
         }
+    }
+
+    /// Inject pending machine checks: the action-required one KVM signalled
+    /// (SIGBUS on this thread when the guest touched a poisoned page) and any
+    /// action-optional ones queued by the API.
+    fn deliver_machine_checks(&mut self) -> Option<ExitReason> {
+        let mut todo = self.shared.mce.take(self.index);
+        if let Some(hva) = mce::take_poison() {
+            match self.shared.ram.gpa_of_host(hva) {
+                Some(gpa) => todo.push((mce::McAction::Required, gpa & !(guestmem::PAGE_SIZE - 1))),
+                None => return Some(ExitReason::Internal(format!(
+                    "vCPU {}: hardware-poison SIGBUS at host address {hva:#x} outside guest RAM",
+                    self.index
+                ))),
+            }
+        }
+        for (action, gpa) in todo {
+            if self.shared.mce.mcg_cap.is_none() {
+                return Some(ExitReason::Crash(format!(
+                    "vCPU {}: guest touched poisoned memory at {gpa:#x} and KVM cannot inject machine checks",
+                    self.index
+                )));
+            }
+            let m = mce::encode(self.shared.mce.vendor, action, gpa);
+            if let Err(e) = mce::inject(&self.fd, &m) {
+                return Some(ExitReason::Internal(format!("vCPU {}: {e}", self.index)));
+            }
+            self.shared.ram.record_mce(action);
+            log::warn!(
+                "vCPU {}: machine check ({action:?}) injected for gpa {gpa:#x}, status {:#x}",
+                self.index,
+                m.status
+            );
+        }
+        None
     }
 
     fn describe_internal_error(&mut self) -> String {

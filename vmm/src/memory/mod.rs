@@ -1,0 +1,327 @@
+//! Guest RAM as the VM sees it (see docs/memory.md).
+//!
+//! Two backings:
+//! - `guestmem` (default): RAM is owned by [`guestmem::GuestMemory`] and
+//!   mirrored by the [`mmu::ShadowEpt`]; the guest's view is demand-paged
+//!   through userfaultfd by the [`pager`], 2 MiB at a time where it can.
+//! - `anon`: plain anonymous memory that KVM faults in itself (what
+//!   Firecracker and QEMU do); kept as the baseline for benchmarks.
+
+pub mod check;
+pub mod pager;
+pub mod poison;
+pub mod uffd;
+pub mod view;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use guestmem::notifier::GpaRange;
+use guestmem::notifier::NotifierId;
+use guestmem::{GuestMemory, GuestMemoryConfig};
+use mmu::ShadowEpt;
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::exit::ExitSignal;
+use crate::layout::{ram_ranges, HIMEM_START, MMIO_HOLE_START};
+use crate::vstate::vm::Vm;
+use pager::{Pager, PagerStats};
+use view::{GuestView, KvmMapping};
+
+/// What backs guest RAM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RamBacking {
+    /// guestmem frames, demand-paged through the shadow EPT (the default).
+    #[default]
+    Guestmem,
+    /// Plain anonymous memory faulted in by KVM (benchmark baseline).
+    Anon,
+}
+
+/// Errors creating guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The host refused a mapping.
+    #[error("cannot map {mib} MiB of guest RAM: {err}")]
+    Map {
+        /// Size.
+        mib: u64,
+        /// Error.
+        err: String,
+    },
+    /// guestmem refused the configuration.
+    #[error("guest memory: {0}")]
+    Guestmem(#[from] guestmem::CreateError),
+    /// The shadow EPT could not be created.
+    #[error("shadow EPT: {0}")]
+    Ept(#[from] mmu::EptError),
+    /// The guest view could not be set up.
+    #[error(transparent)]
+    View(#[from] view::ViewError),
+    /// KVM refused a memory slot.
+    #[error(transparent)]
+    Slot(#[from] crate::vstate::vm::VmError),
+    /// The pager thread could not start.
+    #[error("cannot start the pager thread: {0}")]
+    Thread(std::io::Error),
+}
+
+struct Managed {
+    gm: Arc<GuestMemory>,
+    ept: Arc<ShadowEpt>,
+    view: Arc<GuestView>,
+    pager: Arc<Pager>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    subscriptions: Vec<NotifierId>,
+    poison: poison::PoisonLog,
+}
+
+/// Guest RAM.
+pub struct GuestRam {
+    mem: GuestMemoryMmap<()>,
+    bytes: u64,
+    managed: Option<Managed>,
+}
+
+fn view_regions(view_base: u64, bytes: u64) -> Result<GuestMemoryMmap<()>, MemoryError> {
+    let mut regions = Vec::new();
+    for r in ram_ranges(bytes) {
+        // SAFETY: the range lies inside the guest view, which lives as long
+        // as the `GuestRam` that owns this collection (the view is dropped
+        // after `mem`, see the field order and Drop of GuestRam).
+        let m = unsafe {
+            MmapRegion::build_raw(
+                (view_base + r.start) as *mut u8,
+                r.len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+            )
+        }
+        .map_err(|e| MemoryError::Map {
+            mib: bytes >> 20,
+            err: e.to_string(),
+        })?;
+        let region =
+            GuestRegionMmap::new(m, GuestAddress(r.start)).ok_or_else(|| MemoryError::Map {
+                mib: bytes >> 20,
+                err: "region overflows the address space".into(),
+            })?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map {
+        mib: bytes >> 20,
+        err: e.to_string(),
+    })
+}
+
+impl GuestRam {
+    /// Guest RAM of `bytes` for `vcpus` vCPUs. With the guestmem backing a
+    /// pager thread starts; it reports fatal errors through `exit`.
+    pub fn new(
+        bytes: u64,
+        vcpus: u32,
+        backing: RamBacking,
+        exit: Arc<ExitSignal>,
+    ) -> Result<Self, MemoryError> {
+        if backing == RamBacking::Anon {
+            let ranges: Vec<(GuestAddress, usize)> = ram_ranges(bytes)
+                .iter()
+                .map(|r| (GuestAddress(r.start), r.len as usize))
+                .collect();
+            let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemoryError::Map {
+                mib: bytes >> 20,
+                err: e.to_string(),
+            })?;
+            return Ok(Self {
+                mem,
+                bytes,
+                managed: None,
+            });
+        }
+        let cfg = GuestMemoryConfig::x86(bytes, vcpus as usize);
+        let ram: Vec<GpaRange> = cfg.ram.clone();
+        let gm = Arc::new(GuestMemory::new(cfg)?);
+        let span = ram.iter().map(|r| r.end).max().unwrap_or(0);
+        // The legacy area [640 KiB, 1 MiB) (VGA, option ROMs, BIOS) is plain
+        // zero memory so guests scanning it (e.g. for an MP table) read zeros.
+        let legacy = GpaRange {
+            start: crate::layout::EBDA_END,
+            end: HIMEM_START.min(span),
+        };
+        let view = Arc::new(GuestView::new(span, &ram, &[legacy], gm.pool().fd())?);
+        let ept = Arc::new(ShadowEpt::new()?);
+        let kvm = Arc::new(KvmMapping::new(view.clone()));
+        // Order matters only for tracing: both zap before the change.
+        let subscriptions = vec![
+            gm.notifiers().register(ept.clone()),
+            gm.notifiers().register(kvm.clone()),
+        ];
+        let pager = Arc::new(Pager {
+            gm: gm.clone(),
+            ept: ept.clone(),
+            view: view.clone(),
+            kvm,
+            exit,
+            vcpu_tids: Mutex::new(HashMap::new()),
+            stats: Mutex::new(PagerStats::default()),
+            stop: EventFd::new(libc::EFD_NONBLOCK).map_err(MemoryError::Thread)?,
+        });
+        let p = pager.clone();
+        let thread = std::thread::Builder::new()
+            .name("pager".into())
+            .spawn(move || p.run())
+            .map_err(MemoryError::Thread)?;
+        let mem = view_regions(view.base(), bytes)?;
+        Ok(Self {
+            mem,
+            bytes,
+            managed: Some(Managed {
+                gm,
+                ept,
+                view,
+                pager,
+                thread: Mutex::new(Some(thread)),
+                subscriptions,
+                poison: poison::PoisonLog::default(),
+            }),
+        })
+    }
+
+    /// The memory as a vm-memory backend (loader, virtqueues). With the
+    /// guestmem backing, accesses go through the guest view and are
+    /// demand-paged like the guest's own.
+    pub fn mem(&self) -> &GuestMemoryMmap<()> {
+        &self.mem
+    }
+
+    /// guestmem, when it backs the RAM.
+    pub fn guest_memory(&self) -> Option<&Arc<GuestMemory>> {
+        self.managed.as_ref().map(|m| &m.gm)
+    }
+
+    /// The shadow EPT, when guestmem backs the RAM.
+    pub fn shadow_ept(&self) -> Option<&Arc<ShadowEpt>> {
+        self.managed.as_ref().map(|m| &m.ept)
+    }
+
+    /// RAM size in bytes.
+    pub fn size(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The backing in use.
+    pub fn backing(&self) -> RamBacking {
+        if self.managed.is_some() {
+            RamBacking::Guestmem
+        } else {
+            RamBacking::Anon
+        }
+    }
+
+    /// Record that the calling thread is vCPU `index` (its faults use that
+    /// vCPU's frame list).
+    pub fn register_vcpu_thread(&self, index: u32) {
+        if let Some(m) = &self.managed {
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() } as u32;
+            m.pager
+                .vcpu_tids
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(tid, index as usize);
+        }
+    }
+
+    /// The GPA of a host address in the guest view (for SIGBUS addresses).
+    pub fn gpa_of_host(&self, host: u64) -> Option<u64> {
+        match &self.managed {
+            Some(m) => m.view.gpa_of(host),
+            None => {
+                use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+                self.mem.iter().find_map(|r| {
+                    let start = r.as_ptr() as u64;
+                    (host >= start && host < start + r.len())
+                        .then(|| r.start_addr().0 + (host - start))
+                })
+            }
+        }
+    }
+
+    /// Pager counters.
+    pub fn pager_stats(&self) -> Option<PagerStats> {
+        self.managed
+            .as_ref()
+            .map(|m| *m.pager.stats.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Register the RAM with KVM: one slot below the 32-bit MMIO hole, one
+    /// above it.
+    pub fn register_memslots(&self, vm: &Vm) -> Result<(), MemoryError> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        for (slot, r) in self.mem.iter().enumerate() {
+            // SAFETY: the region's mapping (the view, or an anonymous
+            // mapping) lives as long as `self`, which the runner keeps alive
+            // until after the VM is dropped.
+            unsafe { vm.set_memslot(slot as u32, r.start_addr().0, r.len(), r.as_ptr() as u64) }?;
+        }
+        Ok(())
+    }
+
+    /// What `GET /memory` reports.
+    pub fn info(&self) -> serde_json::Value {
+        let Some(m) = &self.managed else {
+            return serde_json::json!({ "backing": "anon", "size_mib": self.bytes >> 20 });
+        };
+        let s = m.gm.stats();
+        let e = m.ept.stats();
+        let p = *m.pager.stats.lock().unwrap_or_else(|e| e.into_inner());
+        serde_json::json!({
+            "backing": "guestmem",
+            "size_mib": self.bytes >> 20,
+            "frames": {
+                "total": s.total, "free": s.free, "pcp_cached": s.pcp_cached,
+                "allocated": s.allocated, "mapped": s.mapped, "poisoned": s.poisoned,
+                "retired": s.retired, "soft_offlined": s.soft_offlined,
+                "poisoned_gfns": s.poisoned_gfns, "released": s.released, "zeroed": s.zeroed,
+                "oom_events": s.oom_events, "oom_failures": s.oom_failures,
+            },
+            "resident_bytes": s.resident_bytes,
+            "shadow_ept": {
+                "faults": e.faults, "installs_4k": e.installs_4k, "installs_2m": e.installs_2m,
+                "retries": e.retries, "invalidations": e.invalidations, "zapped_leaves": e.zapped_leaves,
+            },
+            "pager": p,
+            "poison": m.poison.snapshot(),
+        })
+    }
+
+    /// Stop the pager (before the VM is torn down).
+    pub fn stop_pager(&self) {
+        if let Some(m) = &self.managed {
+            let _ = m.pager.stop.write(1);
+            if let Some(t) = m.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        self.stop_pager();
+        if let Some(m) = &self.managed {
+            for id in &m.subscriptions {
+                m.gm.notifiers().unregister(*id);
+            }
+        }
+    }
+}
+
+/// End of low RAM (below the MMIO hole) for `bytes` of RAM.
+pub fn low_ram_end(bytes: u64) -> u64 {
+    bytes.min(MMIO_HOLE_START)
+}

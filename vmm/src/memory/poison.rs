@@ -1,0 +1,243 @@
+//! `POST /memory/poison`: hard (memory failure) and soft (offline) poison
+//! of a guest page, with an event log and counters.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use guestmem::{FailureError, MfFlags, MfOutcome, ResolveError, SoftOfflineOutcome};
+use serde::{Deserialize, Serialize};
+
+use super::GuestRam;
+use crate::vstate::mce::McAction;
+
+/// Hard: the frame failed. Soft: migrate away from a frame that reports
+/// correctable errors, before it fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoisonKind {
+    /// memory_failure(): the guest gets a machine check.
+    Hard,
+    /// soft_offline(): the guest never notices.
+    Soft,
+}
+
+/// Body of `POST /memory/poison`.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoisonRequest {
+    /// Guest-physical address of the page (4 KiB aligned).
+    pub gpa: u64,
+    /// Hard or soft.
+    pub kind: PoisonKind,
+    /// For hard poison: report at the next access (required) or at once (optional).
+    #[serde(default = "default_action")]
+    pub action: McAction,
+}
+
+fn default_action() -> McAction {
+    McAction::Required
+}
+
+/// What a poison request did.
+#[derive(Clone, Debug, Serialize)]
+pub struct PoisonReport {
+    /// The page.
+    pub gpa: u64,
+    /// Hard or soft.
+    pub kind: PoisonKind,
+    /// The action requested.
+    pub action: McAction,
+    /// What guestmem did (e.g. "mapped", "free", "migrated", "already_poisoned").
+    pub outcome: String,
+    /// The frame that backed the page.
+    pub frame: u32,
+    /// True when the caller must inject an action-optional machine check now.
+    #[serde(skip)]
+    pub inject_now: bool,
+}
+
+/// Why a poison request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PoisonError {
+    /// Not page aligned.
+    #[error("gpa {0:#x} is not 4 KiB aligned; poison whole pages (gpa & ~0xfff)")]
+    NotAligned(u64),
+    /// Not RAM.
+    #[error("gpa {gpa:#x} is not guest RAM (RAM: {ranges})")]
+    NotRam {
+        /// The address.
+        gpa: u64,
+        /// The RAM ranges, for the message.
+        ranges: String,
+    },
+    /// Anonymous backing: no frame management.
+    #[error("poison needs the guestmem backing (this VM runs with --mem-backing anon)")]
+    Unsupported,
+    /// Populating the page failed.
+    #[error("cannot populate {gpa:#x} before poisoning it: {err}")]
+    Populate {
+        /// The address.
+        gpa: u64,
+        /// Why.
+        err: ResolveError,
+    },
+    /// guestmem refused.
+    #[error(transparent)]
+    Failure(#[from] FailureError),
+}
+
+/// One handled request.
+#[derive(Clone, Debug, Serialize)]
+pub struct PoisonEvent {
+    /// Sequence number.
+    pub seq: u64,
+    /// The report.
+    #[serde(flatten)]
+    pub report: PoisonReport,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+struct Counters {
+    hard: u64,
+    soft: u64,
+    already_poisoned: u64,
+    mce_required_injected: u64,
+    mce_optional_injected: u64,
+}
+
+const LOG_LEN: usize = 64;
+
+/// Recent poison events and counters.
+#[derive(Default)]
+pub struct PoisonLog {
+    inner: Mutex<(VecDeque<PoisonEvent>, Counters, u64)>,
+}
+
+impl PoisonLog {
+    fn record(&self, report: &PoisonReport) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.2 += 1;
+        let seq = g.2;
+        match report.kind {
+            PoisonKind::Hard => g.1.hard += 1,
+            PoisonKind::Soft => g.1.soft += 1,
+        }
+        if report.outcome == "already_poisoned" {
+            g.1.already_poisoned += 1;
+        }
+        if g.0.len() == LOG_LEN {
+            g.0.pop_front();
+        }
+        g.0.push_back(PoisonEvent {
+            seq,
+            report: report.clone(),
+        });
+    }
+
+    /// Count an injected machine check.
+    pub fn injected(&self, action: McAction) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match action {
+            McAction::Required => g.1.mce_required_injected += 1,
+            McAction::Optional => g.1.mce_optional_injected += 1,
+        }
+    }
+
+    /// JSON for `GET /memory`.
+    pub fn snapshot(&self) -> serde_json::Value {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        serde_json::json!({ "counters": g.1, "events": g.0 })
+    }
+}
+
+impl GuestRam {
+    /// Handle `POST /memory/poison`.
+    pub fn poison(&self, req: PoisonRequest) -> Result<PoisonReport, PoisonError> {
+        let m = self.managed.as_ref().ok_or(PoisonError::Unsupported)?;
+        if req.gpa % guestmem::PAGE_SIZE != 0 {
+            return Err(PoisonError::NotAligned(req.gpa));
+        }
+        // Populate the page if the guest never touched it: the memory exists
+        // (as on real hardware) and its frame is what fails.
+        let resolved = m.gm.resolve(req.gpa, 0).map_err(|err| match err {
+            ResolveError::OutOfRange { gpa } => PoisonError::NotRam {
+                gpa,
+                ranges: crate::layout::e820_map(self.bytes)
+                    .iter()
+                    .filter(|e| e.2 == crate::layout::E820_RAM)
+                    .map(|e| format!("{:#x}-{:#x}", e.0, e.0 + e.1))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            },
+            err => PoisonError::Populate { gpa: req.gpa, err },
+        });
+        let frame = match resolved {
+            Ok(_) => {
+                m.gm.frame_of_gpa(req.gpa)
+                    .ok_or(FailureError::NotMapped { gpa: req.gpa })?
+            }
+            Err(PoisonError::Populate {
+                err: ResolveError::Poisoned { .. },
+                ..
+            }) => {
+                let report = PoisonReport {
+                    gpa: req.gpa,
+                    kind: req.kind,
+                    action: req.action,
+                    outcome: "already_poisoned".into(),
+                    frame: u32::MAX,
+                    inject_now: false,
+                };
+                m.poison.record(&report);
+                return Ok(report);
+            }
+            Err(e) => return Err(e),
+        };
+        let (outcome, inject_now) = match req.kind {
+            PoisonKind::Hard => {
+                let flags = MfFlags {
+                    action_required: req.action == McAction::Required,
+                };
+                let o = m.gm.memory_failure(frame, flags)?;
+                log::warn!("memory failure: gpa {:#x} frame {frame}: {o:?}", req.gpa);
+                let name = match o {
+                    MfOutcome::AlreadyPoisoned => "already_poisoned",
+                    MfOutcome::Free => "free",
+                    MfOutcome::PerCpuList => "per_cpu_list",
+                    MfOutcome::Mapped { .. } => "mapped",
+                    MfOutcome::InUse => "in_use",
+                    MfOutcome::Reserved => "reserved",
+                };
+                let mapped = matches!(o, MfOutcome::Mapped { .. });
+                (name, mapped && req.action == McAction::Optional)
+            }
+            PoisonKind::Soft => {
+                let o = m.gm.soft_offline(frame)?;
+                log::warn!("soft offline: gpa {:#x} frame {frame}: {o:?}", req.gpa);
+                let name = match o {
+                    SoftOfflineOutcome::AlreadyOffline => "already_offline",
+                    SoftOfflineOutcome::Free => "free",
+                    SoftOfflineOutcome::Migrated { .. } => "migrated",
+                };
+                (name, false)
+            }
+        };
+        let report = PoisonReport {
+            gpa: req.gpa,
+            kind: req.kind,
+            action: req.action,
+            outcome: outcome.into(),
+            frame,
+            inject_now,
+        };
+        m.poison.record(&report);
+        Ok(report)
+    }
+
+    /// Count a machine check injected into the guest.
+    pub fn record_mce(&self, action: McAction) {
+        if let Some(m) = &self.managed {
+            m.poison.injected(action);
+        }
+    }
+}

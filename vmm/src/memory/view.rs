@@ -1,0 +1,240 @@
+//! The guest's view of its RAM: one host virtual range in which offset `g`
+//! is guest-physical address `g`. KVM's memory slots point into it.
+//!
+//! A populated extent of the view is a shared mapping of the pool's memfd at
+//! the extent's frames; an unpopulated one is an anonymous mapping
+//! registered with userfaultfd, so the first access (by a vCPU through KVM,
+//! or by the VMM) blocks until the pager resolves it. Zapping an extent
+//! (replacing it by a fresh registered anonymous mapping) is what removes it
+//! from KVM: the host kernel's MMU notifier makes KVM drop its own entries.
+//!
+//! [`KvmMapping`] is the `MmuNotifier` subscriber for this mapping. It runs
+//! KVM's protocol with its own [`MmuLock`]: the pager installs an extent only
+//! under that lock and only if no invalidation overlapping it started since
+//! the pager resolved the frame.
+
+use std::sync::Arc;
+
+use guestmem::notifier::{GpaRange, Invalidation, MmuNotifier};
+use mmu::fault::{FaultSeq, MmuLock};
+
+use super::uffd::{UffdError, Userfaultfd};
+
+/// Errors of view operations.
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    /// A host mapping call failed.
+    #[error("guest view {what} at {gpa:#x}+{len:#x} failed: {err}")]
+    Map {
+        /// Which call.
+        what: &'static str,
+        /// Guest-physical start.
+        gpa: u64,
+        /// Length.
+        len: u64,
+        /// The error.
+        err: std::io::Error,
+    },
+    /// A userfaultfd call failed.
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+}
+
+/// The guest-physical view (see the module docs).
+pub struct GuestView {
+    base: u64,
+    span: u64,
+    uffd: Userfaultfd,
+    memfd: i32,
+}
+
+impl GuestView {
+    /// Reserve `span` bytes of address space for GPAs `[0, span)`; every
+    /// range in `ram` becomes demand-paged through a new userfaultfd; the
+    /// rest stays inaccessible except `plain` ranges (anonymous zero memory,
+    /// e.g. the legacy ROM area below 1 MiB).
+    pub fn new(
+        span: u64,
+        ram: &[GpaRange],
+        plain: &[GpaRange],
+        memfd: i32,
+    ) -> Result<Self, ViewError> {
+        // SAFETY: a fresh PROT_NONE reservation chosen by the kernel.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                span as usize,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(ViewError::Map {
+                what: "reserve",
+                gpa: 0,
+                len: span,
+                err: std::io::Error::last_os_error(),
+            });
+        }
+        let view = Self {
+            base: base as u64,
+            span,
+            uffd: Userfaultfd::new()?,
+            memfd,
+        };
+        for r in plain {
+            view.map_anon(*r)?;
+        }
+        for r in ram {
+            view.zap(*r)?;
+        }
+        Ok(view)
+    }
+
+    /// Host address of GPA 0.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// The userfaultfd of the view.
+    pub fn uffd(&self) -> &Userfaultfd {
+        &self.uffd
+    }
+
+    /// The GPA of a host address inside the view.
+    pub fn gpa_of(&self, host: u64) -> Option<u64> {
+        (host >= self.base && host < self.base + self.span).then(|| host - self.base)
+    }
+
+    fn map_anon(&self, r: GpaRange) -> Result<(), ViewError> {
+        // SAFETY: `r` lies inside our own reservation (checked by the
+        // callers' RAM layout), so MAP_FIXED replaces only view memory.
+        let p = unsafe {
+            libc::mmap(
+                (self.base + r.start) as *mut libc::c_void,
+                r.len() as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(ViewError::Map {
+                what: "zap",
+                gpa: r.start,
+                len: r.len(),
+                err: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Make `r` unpopulated: a fresh anonymous mapping registered for
+    /// missing-page faults. The old pages are unmapped from the VMM and,
+    /// through the host's MMU notifier, from KVM.
+    pub fn zap(&self, r: GpaRange) -> Result<(), ViewError> {
+        assert!(r.end <= self.span, "zap {r:x?} outside the view");
+        self.map_anon(r)?;
+        self.uffd.register(self.base + r.start, r.len())?;
+        Ok(())
+    }
+
+    /// Map the pool's memfd at `file_offset` over `r` and populate the host
+    /// page tables, so the guest's accesses need no further host faults.
+    pub fn map_frames(&self, r: GpaRange, file_offset: u64) -> Result<(), ViewError> {
+        assert!(r.end <= self.span, "map {r:x?} outside the view");
+        // SAFETY: `r` is inside our reservation; the memfd outlives the view
+        // (the pool is dropped after it).
+        let p = unsafe {
+            libc::mmap(
+                (self.base + r.start) as *mut libc::c_void,
+                r.len() as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_POPULATE,
+                self.memfd,
+                file_offset as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(ViewError::Map {
+                what: "map",
+                gpa: r.start,
+                len: r.len(),
+                err: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Wake whoever waits on faults in `r`.
+    pub fn wake(&self, r: GpaRange) -> Result<(), ViewError> {
+        Ok(self.uffd.wake(self.base + r.start, r.len())?)
+    }
+
+    /// Resolve faults in `r` with poison markers: the access raises a
+    /// machine-check SIGBUS (KVM: on the vCPU thread).
+    pub fn poison(&self, r: GpaRange) -> Result<(), ViewError> {
+        Ok(self.uffd.poison(self.base + r.start, r.len())?)
+    }
+}
+
+impl Drop for GuestView {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own reservation.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.span as usize) };
+    }
+}
+
+/// The KVM mapping as an MMU-notifier subscriber.
+pub struct KvmMapping {
+    view: Arc<GuestView>,
+    lock: MmuLock<()>,
+}
+
+impl KvmMapping {
+    /// Subscriber for `view`.
+    pub fn new(view: Arc<GuestView>) -> Self {
+        Self {
+            view,
+            lock: MmuLock::new(()),
+        }
+    }
+
+    /// Snapshot to take before resolving a frame for a fault.
+    pub fn fault_begin(&self) -> FaultSeq {
+        self.lock.fault_begin()
+    }
+
+    /// Install `r` (backed by the memfd at `file_offset`) unless an
+    /// invalidation overlapping it ran or runs since `seq`. Returns false
+    /// when the caller must retry.
+    pub fn install(&self, seq: FaultSeq, r: GpaRange, file_offset: u64) -> Result<bool, ViewError> {
+        let g = self.lock.lock();
+        if g.retry_needed(seq, r) {
+            return Ok(false);
+        }
+        self.view.map_frames(r, file_offset)?;
+        drop(g);
+        Ok(true)
+    }
+}
+
+impl MmuNotifier for KvmMapping {
+    fn invalidate_range_start(&self, inv: &Invalidation) {
+        let mut g = self.lock.lock();
+        g.invalidate_begin(inv.range);
+        if let Err(e) = self.view.zap(inv.range) {
+            // The guarantee cannot be kept: stop rather than let the guest
+            // keep a translation to a frame that is about to be reused.
+            log::error!("cannot unmap {:x?} from the guest: {e}", inv.range);
+            std::process::abort();
+        }
+    }
+
+    fn invalidate_range_end(&self, _inv: &Invalidation) {
+        self.lock.lock().invalidate_end();
+    }
+}
