@@ -162,3 +162,174 @@ pub fn wait_for_path(path: &Path, timeout: Duration) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// One raw HTTP/1.1 exchange over a Unix socket; returns (status, body).
+pub fn http(sock: &Path, req: &str) -> (u16, String) {
+    use std::os::unix::net::UnixStream;
+    let mut s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(req.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 4096];
+    loop {
+        let n = s.read(&mut tmp).unwrap_or_else(|e| panic!("{req:?}: {e}; got {:?}", String::from_utf8_lossy(&buf)));
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if let Some(h) = text.find("\r\n\r\n") {
+            let len = text[..h]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            if buf.len() >= h + 4 + len {
+                break;
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// A JSON request; returns (status, parsed body or Null).
+pub fn api(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    let req = match body {
+        Some(b) => format!(
+            "{method} {path} HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+            b.len()
+        ),
+        None => format!("{method} {path} HTTP/1.1\r\n\r\n"),
+    };
+    let (st, text) = http(sock, &req);
+    (st, serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+}
+
+/// A running `vmm` with an API socket whose serial output is read line by line.
+pub struct Vmm {
+    child: Option<Child>,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+    /// The API socket.
+    pub sock: PathBuf,
+}
+
+impl Vmm {
+    /// Start `vmm run <args> --api-sock <tmp>` and wait for the socket.
+    pub fn start(name: &str, args: &[&str]) -> Self {
+        let dir = temp_dir(name);
+        let sock = dir.join("api.sock");
+        let mut a: Vec<&str> = vec!["run"];
+        a.extend_from_slice(args);
+        a.extend_from_slice(&["--api-sock", sock.to_str().unwrap()]);
+        let mut child = vmm(&a)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vmm");
+        let out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(l) = line else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        let start = Instant::now();
+        while !sock.exists() {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("vmm exited early with {st}: {}", stderr.join().unwrap());
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "API socket did not appear");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Vmm { child: Some(child), lines: rx, seen: Vec::new(), stderr: Some(stderr), sock }
+    }
+
+    /// Wait for a serial line containing `needle`; returns it.
+    pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.contains(needle) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!("no line containing {needle:?} within {timeout:?}; output so far:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// Send `text` to the guest's serial port.
+    pub fn send(&mut self, text: &str) {
+        let child = self.child.as_mut().unwrap();
+        let stdin = child.stdin.as_mut().unwrap();
+        stdin.write_all(text.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// An API request.
+    pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+        api(&self.sock, method, path, body)
+    }
+
+    /// Wait for the VMM to exit; returns its status, all serial lines and stderr.
+    pub fn finish(mut self, timeout: Duration) -> (i32, String, String) {
+        let mut child = self.child.take().unwrap();
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if start.elapsed() > timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("vmm did not exit within {timeout:?}; output:\n{}", self.seen.join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.seen.push(l);
+        }
+        let err = self.stderr.take().unwrap().join().unwrap();
+        (status.code().unwrap_or(-1), self.seen.join("\n"), err)
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Parse `key=0x...` or `key=123` from a line.
+pub fn field(line: &str, key: &str) -> Option<u64> {
+    let v = line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}=")))?;
+    match v.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => v.parse().ok(),
+    }
+}

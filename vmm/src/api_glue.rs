@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 
 use crate::api::{ApiError, ApiServer, ServerError, VmController, VmInfo, VmState, VmStateRequest};
+use crate::memory::poison::{PoisonError, PoisonRequest};
 use crate::runner::{RunError, VmHandle};
+use crate::vstate::mce::McAction;
 use crate::vstate::control::Target;
 
 /// The controller the API server calls (on the event-loop thread).
@@ -49,6 +51,23 @@ impl VmController for VmApi {
 
     fn memory_info(&self) -> serde_json::Value {
         self.0.ram.info()
+    }
+
+    fn poison_memory(&mut self, req: PoisonRequest) -> Result<serde_json::Value, ApiError> {
+        let report = self.0.ram.poison(req).map_err(|e| match e {
+            PoisonError::Failure(_) | PoisonError::Populate { .. } => ApiError::Conflict(e.to_string()),
+            _ => ApiError::BadRequest(e.to_string()),
+        })?;
+        if report.inject_now {
+            // A scrubber found it: report it at once, on vCPU 0.
+            self.0.mce.queue(0, McAction::Optional, report.gpa);
+            self.0.threads.kick(0);
+        }
+        serde_json::to_value(&report).map_err(|e| ApiError::Internal(e.to_string()))
+    }
+
+    fn check_memory(&self) -> serde_json::Value {
+        serde_json::to_value(self.0.ram.check()).unwrap_or_else(|e| serde_json::json!({ "ok": false, "problems": [e.to_string()] }))
     }
 }
 

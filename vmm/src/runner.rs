@@ -86,6 +86,14 @@ impl VcpuThreads {
         control.pause(&self.0.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
+    /// Kick vCPU `index` out of KVM_RUN (to deliver queued work).
+    pub fn kick(&self, index: usize) {
+        if let Some(t) = self.0.lock().unwrap_or_else(|e| e.into_inner()).get(index) {
+            use vmm_sys_util::signal::Killable;
+            let _ = t.kill(crate::vstate::control::kick_signal());
+        }
+    }
+
     fn stop(&self, control: &VcpuControl) {
         let threads = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
         for r in control.stop(threads) {

@@ -111,6 +111,15 @@ pub trait VmController {
     fn set_vm_state(&mut self, req: VmStateRequest) -> Result<(), ApiError>;
     /// Memory information (`GET /memory`), returned verbatim as the response body.
     fn memory_info(&self) -> serde_json::Value;
+    /// Hard or soft poison of a guest page (`POST /memory/poison`).
+    fn poison_memory(&mut self, req: crate::memory::poison::PoisonRequest) -> Result<serde_json::Value, ApiError> {
+        let _ = req;
+        Err(ApiError::BadRequest("this VM does not support memory poisoning".into()))
+    }
+    /// Run the memory invariant checker (`GET /memory/check`).
+    fn check_memory(&self) -> serde_json::Value {
+        serde_json::json!({ "ok": false, "problems": ["this VM has no memory checker"] })
+    }
 }
 
 impl<T: VmController + ?Sized> VmController for Box<T> {
@@ -122,6 +131,12 @@ impl<T: VmController + ?Sized> VmController for Box<T> {
     }
     fn memory_info(&self) -> serde_json::Value {
         (**self).memory_info()
+    }
+    fn poison_memory(&mut self, req: crate::memory::poison::PoisonRequest) -> Result<serde_json::Value, ApiError> {
+        (**self).poison_memory(req)
+    }
+    fn check_memory(&self) -> serde_json::Value {
+        (**self).check_memory()
     }
 }
 

@@ -37,6 +37,16 @@ pub const ROUTES: &[Route] = &[
         path: "/memory",
         handler: get_memory,
     },
+    Route {
+        method: Method::Post,
+        path: "/memory/poison",
+        handler: post_memory_poison,
+    },
+    Route {
+        method: Method::Get,
+        path: "/memory/check",
+        handler: get_memory_check,
+    },
 ];
 
 fn get_vm(vm: &mut dyn VmController, req: &Request) -> Result<Response, ApiError> {
@@ -60,6 +70,16 @@ fn patch_vm(vm: &mut dyn VmController, req: &Request) -> Result<Response, ApiErr
 fn get_memory(vm: &mut dyn VmController, req: &Request) -> Result<Response, ApiError> {
     no_body(req)?;
     Ok(Response::json(&vm.memory_info()))
+}
+
+fn post_memory_poison(vm: &mut dyn VmController, req: &Request) -> Result<Response, ApiError> {
+    let body: crate::memory::poison::PoisonRequest = json_body(req)?;
+    Ok(Response::json(&vm.poison_memory(body)?))
+}
+
+fn get_memory_check(vm: &mut dyn VmController, req: &Request) -> Result<Response, ApiError> {
+    no_body(req)?;
+    Ok(Response::json(&vm.check_memory()))
 }
 
 /// Rejects a body on a request that takes none.

@@ -1,0 +1,198 @@
+//! Guest RAM served by guestmem through the shadow EPT, through the real
+//! binary: demand paging, hard poison (action required / optional) ending in
+//! a machine check the guest survives, soft offline under load, the
+//! invariant checker and the counters.
+
+use std::time::Duration;
+
+use vmm_tests::{field, require_kvm, run_vmm, Vmm};
+
+const T: Duration = Duration::from_secs(90);
+
+const MCI_STATUS_VAL: u64 = 1 << 63;
+const MCI_STATUS_UC: u64 = 1 << 61;
+const MCI_STATUS_EN: u64 = 1 << 60;
+const MCI_STATUS_MISCV: u64 = 1 << 59;
+const MCI_STATUS_ADDRV: u64 = 1 << 58;
+const MCI_STATUS_S: u64 = 1 << 56;
+const MCI_STATUS_AR: u64 = 1 << 55;
+const MCI_STATUS_DEFERRED: u64 = 1 << 44;
+const MCI_STATUS_POISON: u64 = 1 << 43;
+const MCG_STATUS_RIPV: u64 = 1;
+const MCG_STATUS_EIPV: u64 = 2;
+const MCG_STATUS_MCIP: u64 = 4;
+
+fn host_is_amd() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().contains("AuthenticAMD")
+}
+
+#[test]
+fn demand_paging_patterns_keep_contents() {
+    require_kvm!();
+    for pattern in ["seq", "random", "huge", "unaligned"] {
+        let cmdline = format!("pattern={pattern} verify=1 mib=48");
+        let out = run_vmm(&["run", "--guest", "touch", "--mem", "128", "--cmdline", &cmdline], b"", T);
+        assert_eq!(out.code(), 0, "{pattern}: {out:?}");
+        assert!(out.stdout.contains("touch: ok"), "{pattern}: {}", out.stdout);
+        assert!(out.stdout.contains("signature_ok=1"), "{pattern}: {}", out.stdout);
+    }
+}
+
+#[test]
+fn checker_and_counters_agree_with_the_host() {
+    require_kvm!();
+    let mut vm = Vmm::start("memcheck", &["--guest", "soft", "--mem", "128", "--cmdline", "mib=16"]);
+    vm.wait_line("soft: ready", T);
+    let (st, check) = vm.api("GET", "/memory/check", None);
+    assert_eq!(st, 200, "{check}");
+    assert_eq!(check["ok"], true, "{check:#}");
+    assert!(check["ept_mapped"].as_u64().unwrap() >= 16 * 256, "{check}");
+    assert_eq!(check["ept_mapped"], check["view_mapped"], "{check}");
+    let (_, mem) = vm.api("GET", "/memory", None);
+    assert_eq!(mem["backing"], "guestmem");
+    let frames = &mem["frames"];
+    // Host memory held by the pool matches what guestmem handed out (within 4 MiB).
+    let resident = mem["resident_bytes"].as_u64().unwrap();
+    let accounted = (frames["allocated"].as_u64().unwrap() + frames["pcp_cached"].as_u64().unwrap()) * 4096;
+    assert!(resident <= accounted + (4 << 20), "resident {resident} accounted {accounted}: {mem:#}");
+    assert!(resident + (4 << 20) >= frames["mapped"].as_u64().unwrap() * 4096 / 2, "{mem:#}");
+    // Demand paging used 2 MiB extents.
+    assert!(mem["pager"]["huge_faults"].as_u64().unwrap() > 0, "{mem:#}");
+    assert!(mem["shadow_ept"]["installs_2m"].as_u64().unwrap() > 0, "{mem:#}");
+    vm.send("stop\n");
+    let (code, out, err) = vm.finish(T);
+    assert_eq!(code, 0, "{out}\n{err}");
+}
+
+fn poison_body(gpa: u64, kind: &str, action: &str) -> String {
+    format!(r#"{{"gpa":{gpa},"kind":"{kind}","action":"{action}"}}"#)
+}
+
+/// Find the bank report line of the machine check for `gpa`.
+fn mce_line(out: &str, gpa: u64) -> String {
+    out.lines()
+        .find(|l| l.contains(": mce cpu=") && field(l, "addr") == Some(gpa))
+        .unwrap_or_else(|| panic!("no machine check for {gpa:#x} reported:\n{out}"))
+        .to_string()
+}
+
+#[test]
+fn hard_poison_action_required_raises_a_recoverable_machine_check() {
+    require_kvm!();
+    let mut vm = Vmm::start("poison-ar", &["--guest", "poison", "--mem", "64"]);
+    let ready = vm.wait_line("poison: target gpa=", T);
+    let gpa = field(&ready, "gpa").expect("target gpa");
+    let (st, rep) = vm.api("POST", "/memory/poison", Some(&poison_body(gpa, "hard", "required")));
+    assert_eq!(st, 200, "{rep}");
+    assert_eq!(rep["outcome"], "mapped", "{rep}");
+    // A second failure of the same page is reported, not handled again.
+    let (st, rep2) = vm.api("POST", "/memory/poison", Some(&poison_body(gpa, "hard", "required")));
+    assert_eq!((st, rep2["outcome"].as_str()), (200, Some("already_poisoned")), "{rep2}");
+    let (_, check) = vm.api("GET", "/memory/check", None);
+    assert_eq!(check["ok"], true, "{check:#}");
+    vm.send("go\n");
+    let (code, out, err) = vm.finish(T);
+    assert_eq!(code, 0, "guest must survive:\n{out}\n{err}");
+    let l = mce_line(&out, gpa);
+    let status = field(&l, "status").unwrap();
+    let mcg = field(&l, "mcg_status").unwrap();
+    assert_eq!(field(&l, "misc"), Some(0x8c), "physical address mode, LSB 12: {l}");
+    for bit in [MCI_STATUS_VAL, MCI_STATUS_UC, MCI_STATUS_EN, MCI_STATUS_MISCV, MCI_STATUS_ADDRV] {
+        assert_ne!(status & bit, 0, "bit {bit:#x} missing: {l}");
+    }
+    if host_is_amd() {
+        assert_ne!(status & MCI_STATUS_POISON, 0, "AMD: POISON: {l}");
+        assert_eq!(status & MCI_STATUS_DEFERRED, 0, "AMD AR is not deferred: {l}");
+    } else {
+        assert_ne!(status & MCI_STATUS_S, 0, "{l}");
+        assert_ne!(status & MCI_STATUS_AR, 0, "{l}");
+        assert_eq!(status & 0xffff, 0x134, "{l}");
+    }
+    assert_eq!(mcg & (MCG_STATUS_MCIP | MCG_STATUS_EIPV), MCG_STATUS_MCIP | MCG_STATUS_EIPV, "{l}");
+    assert!(out.contains("poison: recovered"), "{out}");
+    assert!(out.contains("poison: survived other_pages_ok=1"), "{out}");
+}
+
+#[test]
+fn hard_poison_action_optional_is_reported_at_once() {
+    require_kvm!();
+    let mut vm = Vmm::start("poison-ao", &["--guest", "poison", "--mem", "64", "--cmdline", "mode=ao wait_ms=20000"]);
+    let ready = vm.wait_line("poison: target gpa=", T);
+    let gpa = field(&ready, "gpa").expect("target gpa");
+    vm.send("go\n");
+    std::thread::sleep(Duration::from_millis(300));
+    let (st, rep) = vm.api("POST", "/memory/poison", Some(&poison_body(gpa, "hard", "optional")));
+    assert_eq!(st, 200, "{rep}");
+    let (code, out, err) = vm.finish(T);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let l = mce_line(&out, gpa);
+    let status = field(&l, "status").unwrap();
+    let mcg = field(&l, "mcg_status").unwrap();
+    assert_eq!(mcg & 7, MCG_STATUS_MCIP | MCG_STATUS_RIPV, "{l}");
+    if host_is_amd() {
+        assert_ne!(status & MCI_STATUS_DEFERRED, 0, "{l}");
+        assert_ne!(status & MCI_STATUS_POISON, 0, "{l}");
+        assert_eq!(status & MCI_STATUS_UC, 0, "{l}");
+    } else {
+        assert_eq!(status & MCI_STATUS_AR, 0, "{l}");
+        assert_eq!(status & 0xffff, 0xc0, "{l}");
+    }
+    assert!(out.contains("poison: survived"), "{out}");
+}
+
+#[test]
+fn soft_offline_under_load_loses_no_data() {
+    require_kvm!();
+    let mut vm = Vmm::start("soft", &["--guest", "soft", "--mem", "128", "--cmdline", "mib=8"]);
+    let ready = vm.wait_line("soft: ready", T);
+    let first = field(&ready, "first").unwrap();
+    let last = field(&ready, "last").unwrap();
+    let pages = (last - first) / 4096 + 1;
+    let mut migrated = 0;
+    for i in 0..24 {
+        let gpa = first + (i * 97 % pages) * 4096;
+        let (st, rep) = vm.api("POST", "/memory/poison", Some(&format!(r#"{{"gpa":{gpa},"kind":"soft"}}"#)));
+        assert_eq!(st, 200, "{rep}");
+        migrated += u32::from(rep["outcome"] == "migrated");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(migrated >= 20, "{migrated} of 24 soft offlines migrated");
+    let (_, check) = vm.api("GET", "/memory/check", None);
+    assert_eq!(check["ok"], true, "{check:#}");
+    let (_, mem) = vm.api("GET", "/memory", None);
+    assert!(mem["frames"]["soft_offlined"].as_u64().unwrap() >= u64::from(migrated), "{mem:#}");
+    vm.send("stop\n");
+    let (code, out, err) = vm.finish(T);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains(" ok"), "{out}");
+    assert!(!out.contains(": mce "), "soft offline must be invisible to the guest: {out}");
+}
+
+#[test]
+fn poison_requests_are_validated() {
+    require_kvm!();
+    let mut vm = Vmm::start("poison-bad", &["--guest", "echo", "--mem", "64"]);
+    vm.wait_line("echo: ready", T);
+    for (body, want) in [
+        (r#"{"gpa":4097,"kind":"hard"}"#, "not 4 KiB aligned"),
+        (r#"{"gpa":17179869184,"kind":"hard"}"#, "not guest RAM"),
+        (r#"{"gpa":4096,"kind":"melt"}"#, "unknown variant"),
+        (r#"{"gpa":4096,"kind":"hard","extra":1}"#, "unknown field"),
+    ] {
+        let (st, v) = vm.api("POST", "/memory/poison", Some(body));
+        assert_eq!(st, 400, "{body}: {v}");
+        let msg = v["fault_message"].as_str().unwrap_or_default();
+        assert!(msg.contains(want), "{body}: {msg}");
+    }
+    vm.send("still alive\n");
+    let (code, out, _) = vm.finish(T);
+    assert_eq!(code, 0);
+    assert!(out.contains("echo: still alive"));
+}
+
+#[test]
+fn anonymous_backing_runs_the_same_guests() {
+    require_kvm!();
+    let out = run_vmm(&["run", "--guest", "touch", "--mem", "64", "--mem-backing", "anon", "--cmdline", "mib=16 verify=1"], b"", T);
+    assert_eq!(out.code(), 0, "{out:?}");
+}
