@@ -10,7 +10,8 @@
  *     hook sees RIP inside poison_check() and resumes at poison_check_fixup
  *     (which returns ~0 to the caller), so the faulting load is skipped.
  *   mode=ao: does not touch the target; waits up to wait_ms=N (default 5000)
- *     for an asynchronous (action-optional) #MC, which is resumed.
+ *     for an asynchronous (action-optional) #MC, which is resumed; one that
+ *     arrived between `ready` and `go` (the usual case) counts too.
  * The #MC hook prints (ring 0, raw MSR values read before the kit clears them)
  *   poison: mce cpu=C bank=B status=0x.. addr=0x.. misc=0x.. mcg_status=0x..
  * for every bank with MCi_STATUS.VAL, then one of
@@ -23,6 +24,8 @@
  *   poison: no machine check                      exit 2
  * Pattern mismatch anywhere (also the target without a #MC):
  *   poison: FAIL gpa=0x.. want=0x.. got=0x..      exit 1
+ * reset=1: after surviving, reset the machine (i8042 0xfe) instead of exiting:
+ *   poison: resetting
  * Bad options: poison: FAIL ..., exit 4.
  * selftest=1: no `go`; the target load reads an unmapped address and the #PF is
  *   passed to the kit's #MC handler (no valid banks, mcg_status=0), which checks
@@ -172,6 +175,7 @@ int guest_main(void)
     u64 target = (u64)buf + k * PAGE;
     kit_printf("poison: mode=%s pages=%lu page=%lu buffer=0x%lx mca=%u mcg_cap=0x%lx banks=%lu\n",
                mode == MODE_AO ? "ao" : "ar", pages, k, (u64)buf, mca, cap, cap & 0xff);
+    u32 before = kit_mce_count; /* an action-optional #MC may arrive before `go` */
     kit_printf("poison: target gpa=0x%lx ready\n", target);
     if (selftest) {
         mode = MODE_AR;
@@ -181,7 +185,6 @@ int guest_main(void)
         wait_go();
     }
 
-    u32 before = kit_mce_count;
     if (mode == MODE_AR) {
         u64 r = poison_check((const u64 *)target, PAGE / 8, seed);
         if (r && r != ~0UL)
@@ -214,5 +217,14 @@ int guest_main(void)
     }
     kit_printf("poison: machine_checks=%u recovered=%u\n", kit_mce_count - before, recovered);
     kit_printf("poison: survived other_pages_ok=1\n");
+    if (kit_cmdline_u64("reset", 0, &b4) && !b4) {
+        /* reset=1: reset the machine through the i8042 (as Linux's reboot=k);
+         * with `vmm run --on-reset restart` the guest boots again. */
+        kit_printf("poison: resetting\n");
+        kit_flush();
+        outb(0x64, 0xfe);
+        kit_printf("poison: FAIL still running after the i8042 reset\n");
+        return KIT_EXIT_FAIL;
+    }
     return 0;
 }

@@ -50,7 +50,7 @@ fi
 need_pkgs=()
 dpkg_has() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 for p in "$src_pkg" gcc make libc6-dev bc flex bison libelf-dev libssl-dev cpio xz-utils \
-         python3 file binutils; do
+         lz4 python3 file binutils; do
     dpkg_has "$p" || need_pkgs+=("$p")
 done
 if [ "${#need_pkgs[@]}" -gt 0 ]; then

@@ -196,3 +196,30 @@ fn anonymous_backing_runs_the_same_guests() {
     let out = run_vmm(&["run", "--guest", "touch", "--mem", "64", "--mem-backing", "anon", "--cmdline", "mib=16 verify=1"], b"", T);
     assert_eq!(out.code(), 0, "{out:?}");
 }
+
+#[test]
+fn reset_after_poison_gives_the_gpa_a_fresh_frame() {
+    require_kvm!();
+    let mut vm =
+        Vmm::start("poison-reset", &["--guest", "poison", "--mem", "64", "--on-reset", "restart", "--cmdline", "reset=1"]);
+    let ready = vm.wait_line("poison: target gpa=", T);
+    let gpa = field(&ready, "gpa").unwrap();
+    let (st, rep) = vm.api("POST", "/memory/poison", Some(&poison_body(gpa, "hard", "required")));
+    assert_eq!((st, rep["outcome"].as_str()), (200, Some("mapped")), "{rep}");
+    vm.send("go\n");
+    vm.wait_line("poison: survived", T);
+    vm.wait_line("poison: resetting", T);
+    // Second boot: same guest, same GPA, no poison left on it.
+    let ready2 = vm.wait_line("poison: target gpa=", T);
+    assert_eq!(field(&ready2, "gpa"), Some(gpa));
+    let (_, mem) = vm.api("GET", "/memory", None);
+    assert_eq!(mem["frames"]["poisoned_gfns"], 0, "{mem:#}");
+    assert!(mem["frames"]["retired"].as_u64().unwrap() >= 1, "the failed frame stays retired: {mem:#}");
+    let (_, check) = vm.api("GET", "/memory/check", None);
+    assert_eq!(check["ok"], true, "{check:#}");
+    vm.send("go\n");
+    let (code, out, err) = vm.finish(T);
+    // Exit 2 = "no machine check": the page reads back its pattern from a fresh frame.
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(out.trim_end().ends_with("poison: no machine check"), "{out}");
+}

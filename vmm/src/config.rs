@@ -16,6 +16,16 @@ pub enum KernelSource {
     Embedded(String),
 }
 
+/// What happens when the guest resets the machine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnReset {
+    /// `vmm` exits with status 0 (Firecracker's behaviour).
+    #[default]
+    Exit,
+    /// The guest boots again with fresh RAM (QEMU's behaviour).
+    Restart,
+}
+
 /// Everything `vmm run` needs.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -33,6 +43,8 @@ pub struct VmConfig {
     pub api_sock: Option<PathBuf>,
     /// What backs guest RAM.
     pub mem_backing: crate::memory::RamBacking,
+    /// What a guest reset does.
+    pub on_reset: OnReset,
 }
 
 /// Configuration errors (exit status 64).

@@ -74,6 +74,13 @@ impl ExitSignal {
         }
     }
 
+    /// Forget the recorded reason (the VM was reset and runs again).
+    pub fn clear(&self) {
+        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        *r = None;
+        let _ = self.evt.read();
+    }
+
     /// The recorded reason, if any.
     pub fn reason(&self) -> Option<ExitReason> {
         self.reason

@@ -59,6 +59,9 @@ struct RunArgs {
     /// EPT, or plain anonymous memory faulted in by KVM (benchmark baseline).
     #[arg(long, value_enum, default_value_t = vmm::memory::RamBacking::Guestmem)]
     mem_backing: vmm::memory::RamBacking,
+    /// What a guest reset does: exit (status 0), or restart the guest with fresh RAM.
+    #[arg(long, value_enum, default_value_t = vmm::config::OnReset::Exit)]
+    on_reset: vmm::config::OnReset,
 }
 
 fn main() -> ExitCode {
@@ -96,6 +99,7 @@ fn run(a: RunArgs) -> i32 {
         vcpus: a.vcpus,
         api_sock: a.api_sock,
         mem_backing: a.mem_backing,
+        on_reset: a.on_reset,
     };
     match vmm::runner::run(&cfg) {
         Ok(reason) => {

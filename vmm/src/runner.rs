@@ -16,7 +16,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootSpec, KernelImage};
-use crate::config::{KernelSource, VmConfig};
+use crate::config::{KernelSource, OnReset, VmConfig};
 use crate::devices::{self, Bus};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::GuestRam;
@@ -78,7 +78,7 @@ fn host(what: &'static str) -> impl FnOnce(std::io::Error) -> RunError {
 
 /// The vCPU threads of a running VM, shared by the runner and the API.
 #[derive(Default)]
-pub struct VcpuThreads(Mutex<Vec<JoinHandle<()>>>);
+pub struct VcpuThreads(Mutex<Vec<JoinHandle<Vcpu>>>);
 
 impl VcpuThreads {
     /// Pause all vCPUs (returns when every one is out of KVM_RUN).
@@ -94,13 +94,33 @@ impl VcpuThreads {
         }
     }
 
-    fn stop(&self, control: &VcpuControl) {
+    /// Start one thread per vCPU.
+    fn spawn(&self, vcpus: Vec<Vcpu>) -> Result<(), RunError> {
+        for (i, v) in vcpus.into_iter().enumerate() {
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || v.run())
+                .map_err(host("spawn a vCPU thread"))?;
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(t);
+        }
+        Ok(())
+    }
+
+    /// Stop and join every vCPU thread; returns the vCPUs (all of them, or
+    /// None if a thread panicked).
+    fn stop(&self, control: &VcpuControl) -> Option<Vec<Vcpu>> {
         let threads = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut out = Vec::new();
         for r in control.stop(threads) {
-            if r.is_err() {
-                log::error!("a vCPU thread panicked");
+            match r {
+                Ok(v) => out.push(v),
+                Err(_) => {
+                    log::error!("a vCPU thread panicked");
+                    return None;
+                }
             }
         }
+        Some(out)
     }
 }
 
@@ -270,20 +290,32 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, RunError> {
         crate::api_glue::serve(&mut em, path, handle)?;
     }
 
-    for (i, v) in vcpus.into_iter().enumerate() {
-        let t = std::thread::Builder::new()
-            .name(format!("vcpu{i}"))
-            .spawn(move || v.run())
-            .map_err(host("spawn a vCPU thread"))?;
-        threads.0.lock().unwrap_or_else(|e| e.into_inner()).push(t);
-    }
-
-    while exit.reason().is_none() {
-        if let Err(e) = em.run() {
-            exit.request(ExitReason::Internal(format!("event loop failed: {e:?}")));
+    threads.spawn(vcpus)?;
+    let mut resets = 0u32;
+    loop {
+        while exit.reason().is_none() {
+            if let Err(e) = em.run() {
+                exit.request(ExitReason::Internal(format!("event loop failed: {e:?}")));
+            }
         }
+        let vcpus = threads.stop(&control);
+        let (Some(ExitReason::Reset), OnReset::Restart, Some(mut vcpus)) = (exit.reason(), cfg.on_reset, vcpus) else {
+            break;
+        };
+        // Guest reset (QEMU's behaviour with --on-reset restart): fresh RAM
+        // (poisoned guest frames get new frames; retired frames stay
+        // retired), the image loaded again, vCPUs at power-on state.
+        resets += 1;
+        log::warn!("guest reset #{resets}: restarting the guest");
+        ram.reset();
+        let entry = boot::load(ram.mem(), &spec)?;
+        for (i, v) in vcpus.iter_mut().enumerate() {
+            v.reset(ram.mem(), (i == 0).then_some(entry))?;
+        }
+        exit.clear();
+        control.restart();
+        threads.spawn(vcpus)?;
     }
-    threads.stop(&control);
     ram.stop_pager();
     let _ = std::io::stdout().flush();
     drop(vm);

@@ -299,6 +299,24 @@ impl GuestRam {
         })
     }
 
+    /// Guest reset: every page unpopulated again. With guestmem, all
+    /// mappings are invalidated and frames freed; GFN poison marks are
+    /// forgotten (the poisoned frames stay retired), so a GPA that was
+    /// poisoned gets a fresh frame. With anonymous memory, the RAM is zeroed.
+    pub fn reset(&self) {
+        match &self.managed {
+            Some(m) => m.gm.reset(),
+            None => {
+                use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+                for r in self.mem.iter() {
+                    // SAFETY: dropping the pages of our own anonymous
+                    // mapping; they read back as zero.
+                    unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_DONTNEED) };
+                }
+            }
+        }
+    }
+
     /// Stop the pager (before the VM is torn down).
     pub fn stop_pager(&self) {
         if let Some(m) = &self.managed {

@@ -44,6 +44,8 @@ pub enum ViewError {
 pub struct GuestView {
     base: u64,
     span: u64,
+    /// The demand-paged ranges (guest RAM); invalidations are clipped to them.
+    ram: Vec<GpaRange>,
     uffd: Userfaultfd,
     memfd: i32,
 }
@@ -81,6 +83,7 @@ impl GuestView {
         let view = Self {
             base: base as u64,
             span,
+            ram: ram.to_vec(),
             uffd: Userfaultfd::new()?,
             memfd,
         };
@@ -132,13 +135,20 @@ impl GuestView {
         Ok(())
     }
 
-    /// Make `r` unpopulated: a fresh anonymous mapping registered for
-    /// missing-page faults. The old pages are unmapped from the VMM and,
-    /// through the host's MMU notifier, from KVM.
+    /// Make the RAM inside `r` unpopulated: fresh anonymous mappings
+    /// registered for missing-page faults. The old pages are unmapped from
+    /// the VMM and, through the host's MMU notifier, from KVM. Parts of `r`
+    /// that are not RAM (legacy area, MMIO hole) are left alone.
     pub fn zap(&self, r: GpaRange) -> Result<(), ViewError> {
         assert!(r.end <= self.span, "zap {r:x?} outside the view");
-        self.map_anon(r)?;
-        self.uffd.register(self.base + r.start, r.len())?;
+        for ram in &self.ram {
+            let part = GpaRange { start: r.start.max(ram.start), end: r.end.min(ram.end) };
+            if part.is_empty() {
+                continue;
+            }
+            self.map_anon(part)?;
+            self.uffd.register(self.base + part.start, part.len())?;
+        }
         Ok(())
     }
 

@@ -119,6 +119,12 @@ impl VcpuControl {
         }
     }
 
+    /// Back to running after a stop (the VM was reset and its vCPU threads
+    /// are started again).
+    pub fn restart(&self) {
+        self.set(Target::Run);
+    }
+
     /// Stop every vCPU thread and join them.
     pub fn stop<T>(&self, threads: Vec<JoinHandle<T>>) -> Vec<std::thread::Result<T>> {
         self.set(Target::Stop);

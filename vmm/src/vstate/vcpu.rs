@@ -159,21 +159,60 @@ impl Vcpu {
         regs::setup_regs(&self.fd, entry.mode, entry.entry).map_err(re)
     }
 
-    /// The run loop; returns when the VM ends or the controller stops it.
-    pub fn run(mut self) {
+    /// The run loop; returns (the vCPU, for a reset) when the VM ends or the
+    /// controller stops it.
+    pub fn run(mut self) -> Self {
         mce::mark_vcpu_thread();
         self.shared.ram.register_vcpu_thread(self.index);
         while self.shared.control.wait_runnable() {
             if let Some(reason) = self.run_once().or_else(|| self.deliver_machine_checks()) {
                 self.shared.exit.request(reason);
-                return;
+                break;
             }
             // Another vCPU or a device (debug-exit, i8042 reset) ended the VM:
             // do not re-enter the guest.
             if self.shared.exit.reason().is_some() {
-                return;
+                break;
             }
         }
+        self
+    }
+
+    /// Put the vCPU back in its power-on state for a reset: the boot vCPU at
+    /// `entry`, the others waiting for INIT/SIPI. Clears pending events and
+    /// machine-check banks.
+    pub fn reset<M: vm_memory::GuestMemoryBackend>(&mut self, mem: &M, entry: Option<BootEntry>) -> Result<(), VcpuError> {
+        let index = self.index;
+        let io_err = |what| move |err| VcpuError::Ioctl { index, what, err };
+        let re = |err| VcpuError::Regs { index, err };
+        self.fd.set_vcpu_events(&Default::default()).map_err(io_err("clear vCPU events"))?;
+        regs::setup_msrs(&self.fd).map_err(re)?;
+        regs::setup_fpu(&self.fd).map_err(re)?;
+        regs::setup_lint(&self.fd).map_err(re)?;
+        if let Some(cap) = self.shared.mce.mcg_cap {
+            const MSR_MCG_STATUS: u32 = 0x17a;
+            const MSR_MC0_STATUS: u32 = 0x401;
+            let mut list = vec![kvm_bindings::kvm_msr_entry { index: MSR_MCG_STATUS, ..Default::default() }];
+            for bank in 0..(cap & 0xff) as u32 {
+                list.push(kvm_bindings::kvm_msr_entry { index: MSR_MC0_STATUS + 4 * bank, ..Default::default() });
+            }
+            let msrs = kvm_bindings::Msrs::from_entries(&list).map_err(|_| VcpuError::Ioctl {
+                index,
+                what: "build MCE MSR list",
+                err: kvm_ioctls::Error::new(libc::EINVAL),
+            })?;
+            self.fd.set_msrs(&msrs).map_err(io_err("clear machine-check banks"))?;
+        }
+        let state = match entry {
+            Some(e) => {
+                self.setup_boot(mem, e)?;
+                kvm_bindings::KVM_MP_STATE_RUNNABLE
+            }
+            None => kvm_bindings::KVM_MP_STATE_UNINITIALIZED,
+        };
+        self.fd
+            .set_mp_state(kvm_bindings::kvm_mp_state { mp_state: state })
+            .map_err(io_err("set MP state"))
     }
 
     /// Enter the guest once and handle the exit. Returns a reason when the
