@@ -66,9 +66,41 @@ impl VmController for VmApi {
         serde_json::to_value(&report).map_err(|e| ApiError::Internal(e.to_string()))
     }
 
+    fn balloon_config(&self) -> Result<serde_json::Value, ApiError> {
+        serde_json::to_value(self.balloon()?.config()).map_err(|e| ApiError::Internal(e.to_string()))
+    }
+
+    fn put_balloon(&mut self, cfg: crate::api::BalloonConfig) -> Result<(), ApiError> {
+        self.balloon()?.put(cfg).map_err(balloon_err)
+    }
+
+    fn patch_balloon(&mut self, amount_mib: u32) -> Result<(), ApiError> {
+        self.balloon()?.set_target(amount_mib).map_err(balloon_err)
+    }
+
+    fn balloon_stats(&self) -> Result<serde_json::Value, ApiError> {
+        let s = self.balloon()?.stats().map_err(balloon_err)?;
+        serde_json::to_value(s).map_err(|e| ApiError::Internal(e.to_string()))
+    }
+
+    fn patch_balloon_stats(&mut self, secs: u16) -> Result<(), ApiError> {
+        self.balloon()?.set_stats_interval(secs).map_err(balloon_err)
+    }
+
     fn check_memory(&self) -> serde_json::Value {
         serde_json::to_value(self.0.ram.check()).unwrap_or_else(|e| serde_json::json!({ "ok": false, "problems": [e.to_string()] }))
     }
+}
+
+impl VmApi {
+    fn balloon(&self) -> Result<&crate::devices::virtio::balloon::BalloonHandle, ApiError> {
+        self.0.balloon.as_ref().ok_or_else(crate::api::no_balloon)
+    }
+}
+
+fn balloon_err(e: crate::devices::virtio::balloon::worker::BalloonApiError) -> ApiError {
+    // Firecracker answers every refused balloon request with 400.
+    ApiError::BadRequest(e.to_string())
 }
 
 /// Serve the API on `path` from the event loop `em`.

@@ -45,6 +45,8 @@ pub struct VmConfig {
     pub mem_backing: crate::memory::RamBacking,
     /// What a guest reset does.
     pub on_reset: OnReset,
+    /// Virtio balloon (`--balloon`), if any.
+    pub balloon: Option<crate::devices::virtio::balloon::BalloonConfig>,
 }
 
 /// Configuration errors (exit status 64).
@@ -83,6 +85,9 @@ pub enum ConfigError {
     /// Command line too long.
     #[error("--cmdline is {0} bytes; at most {max} bytes are accepted", max = crate::layout::CMDLINE_MAX_SIZE - 1)]
     CmdlineTooLong(usize),
+    /// Bad `--balloon`.
+    #[error(transparent)]
+    Balloon(#[from] crate::devices::virtio::balloon::BalloonConfigError),
 }
 
 /// Host RAM in MiB (MemTotal), if /proc/meminfo can be read.
@@ -119,6 +124,9 @@ impl VmConfig {
         }
         if self.cmdline.len() >= crate::layout::CMDLINE_MAX_SIZE {
             return Err(ConfigError::CmdlineTooLong(self.cmdline.len()));
+        }
+        if let Some(b) = &self.balloon {
+            b.validate(self.mem_mib)?;
         }
         if let KernelSource::Embedded(name) = &self.kernel {
             if crate::guests::find(name).is_none() {

@@ -59,6 +59,9 @@ struct RunArgs {
     /// EPT, or plain anonymous memory faulted in by KVM (benchmark baseline).
     #[arg(long, value_enum, default_value_t = vmm::memory::RamBacking::Guestmem)]
     mem_backing: vmm::memory::RamBacking,
+    /// Virtio balloon: amount_mib=N,deflate_on_oom=BOOL[,stats_polling_interval_s=N][,free_page_reporting=BOOL].
+    #[arg(long, value_name = "ITEMS", value_parser = vmm::devices::virtio::balloon::BalloonConfig::parse_cli)]
+    balloon: Option<vmm::devices::virtio::balloon::BalloonConfig>,
     /// What a guest reset does: exit (status 0), or restart the guest with fresh RAM.
     #[arg(long, value_enum, default_value_t = vmm::config::OnReset::Exit)]
     on_reset: vmm::config::OnReset,
@@ -100,6 +103,7 @@ fn run(a: RunArgs) -> i32 {
         api_sock: a.api_sock,
         mem_backing: a.mem_backing,
         on_reset: a.on_reset,
+        balloon: a.balloon,
     };
     match vmm::runner::run(&cfg) {
         Ok(reason) => {

@@ -138,6 +138,8 @@ pub struct VmHandle {
     pub ram: Arc<GuestRam>,
     /// Machine-check queues.
     pub mce: Arc<MceState>,
+    /// The virtio balloon, when configured.
+    pub balloon: Option<crate::devices::virtio::balloon::BalloonHandle>,
 }
 
 struct ExitWatcher(Arc<ExitSignal>);
@@ -206,7 +208,10 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, RunError> {
         ))),
     )
     .map_err(bus_err)?;
-    let mmio = Bus::new();
+    let mut mmio = Bus::new();
+    let balloon = crate::devices::virtio::balloon::worker::attach_to(&vm, &ram, cfg, &mut mmio)
+        .map_err(|e| RunError::Host { what: "virtio balloon", err: std::io::Error::other(e) })?;
+    let cmdline = crate::devices::virtio::balloon::worker::boot_cmdline(cfg);
 
     // Guest image.
     let embedded;
@@ -220,7 +225,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, RunError> {
     let spec = BootSpec {
         kernel,
         initrd: cfg.initrd.as_deref(),
-        cmdline: &cfg.cmdline,
+        cmdline: &cmdline,
         mem_bytes,
         vcpus: cfg.vcpus,
         force_linux64: false,
@@ -277,6 +282,10 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, RunError> {
         drained,
     ))));
 
+    let balloon = balloon.map(|(worker, handle)| {
+        em.add_subscriber(Arc::new(Mutex::new(worker)));
+        handle
+    });
     let threads = Arc::new(VcpuThreads::default());
     let handle = VmHandle {
         control: control.clone(),
@@ -285,6 +294,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, RunError> {
         mem_mib: cfg.mem_mib,
         ram: ram.clone(),
         mce,
+        balloon,
     };
     if let Some(path) = &cfg.api_sock {
         crate::api_glue::serve(&mut em, path, handle)?;

@@ -59,6 +59,81 @@ pub enum CtlCommand {
         /// JSON request body.
         body: String,
     },
+    /// Virtio balloon (Firecracker's balloon endpoints).
+    Balloon {
+        #[command(subcommand)]
+        cmd: BalloonCommand,
+    },
+}
+
+/// `vmm ctl balloon ...`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum BalloonCommand {
+    /// Show the configuration (GET /balloon).
+    Show,
+    /// Set the target in MiB (PATCH /balloon {"amount_mib": N}).
+    Set {
+        /// Target balloon size in MiB.
+        amount_mib: u32,
+    },
+    /// Show target, actual, guest statistics and counters (GET /balloon/statistics).
+    Stats,
+    /// Change the statistics polling interval (PATCH /balloon/statistics).
+    StatsInterval {
+        /// Seconds (non-zero).
+        seconds: u16,
+    },
+    /// Replace the configuration before the guest driver starts (PUT /balloon).
+    Configure {
+        /// Target balloon size in MiB.
+        #[arg(long)]
+        amount_mib: u32,
+        /// Offer DEFLATE_ON_OOM.
+        #[arg(long)]
+        deflate_on_oom: bool,
+        /// Statistics polling interval in seconds (0 = off).
+        #[arg(long, default_value_t = 0)]
+        stats_polling_interval_s: u16,
+        /// Offer free page reporting.
+        #[arg(long)]
+        free_page_reporting: bool,
+    },
+}
+
+impl BalloonCommand {
+    /// The generic request this verb sends.
+    pub fn lower(&self) -> CtlCommand {
+        let path = |p: &str| p.to_string();
+        match self {
+            BalloonCommand::Show => CtlCommand::Get { path: path("/balloon") },
+            BalloonCommand::Set { amount_mib } => CtlCommand::Patch {
+                path: path("/balloon"),
+                body: format!("{{\"amount_mib\":{amount_mib}}}"),
+            },
+            BalloonCommand::Stats => CtlCommand::Get {
+                path: path("/balloon/statistics"),
+            },
+            BalloonCommand::StatsInterval { seconds } => CtlCommand::Patch {
+                path: path("/balloon/statistics"),
+                body: format!("{{\"stats_polling_interval_s\":{seconds}}}"),
+            },
+            BalloonCommand::Configure {
+                amount_mib,
+                deflate_on_oom,
+                stats_polling_interval_s,
+                free_page_reporting,
+            } => CtlCommand::Put {
+                path: path("/balloon"),
+                body: serde_json::json!({
+                    "amount_mib": amount_mib,
+                    "deflate_on_oom": deflate_on_oom,
+                    "stats_polling_interval_s": stats_polling_interval_s,
+                    "free_page_reporting": free_page_reporting,
+                })
+                .to_string(),
+            },
+        }
+    }
 }
 
 impl CtlCommand {
@@ -73,6 +148,8 @@ impl CtlCommand {
             CtlCommand::Patch { path, body } => ("PATCH", path, Some(body)),
             CtlCommand::Put { path, body } => ("PUT", path, Some(body)),
             CtlCommand::Post { path, body } => ("POST", path, Some(body)),
+            // Lowered to a generic request by `run_with_output`.
+            CtlCommand::Balloon { .. } => ("GET", "/balloon", None),
         }
     }
 }
@@ -98,6 +175,14 @@ pub fn run_with_output(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<i32, ClientError> {
+    let lowered;
+    let cmd = match cmd {
+        CtlCommand::Balloon { cmd } => {
+            lowered = cmd.lower();
+            &lowered
+        }
+        other => other,
+    };
     let (method, path, body) = cmd.request();
     let (status, text) = run_ctl(sock, method, path, body)?;
     let json: Option<serde_json::Value> = serde_json::from_str(&text).ok();

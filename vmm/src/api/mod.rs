@@ -120,6 +120,38 @@ pub trait VmController {
     fn check_memory(&self) -> serde_json::Value {
         serde_json::json!({ "ok": false, "problems": ["this VM has no memory checker"] })
     }
+    /// Balloon configuration (`GET /balloon`).
+    fn balloon_config(&self) -> Result<serde_json::Value, ApiError> {
+        Err(no_balloon())
+    }
+    /// Configure the balloon (`PUT /balloon`, before the guest driver starts).
+    fn put_balloon(&mut self, cfg: BalloonConfig) -> Result<(), ApiError> {
+        let _ = cfg;
+        Err(no_balloon())
+    }
+    /// New balloon target (`PATCH /balloon`).
+    fn patch_balloon(&mut self, amount_mib: u32) -> Result<(), ApiError> {
+        let _ = amount_mib;
+        Err(no_balloon())
+    }
+    /// Balloon statistics (`GET /balloon/statistics`).
+    fn balloon_stats(&self) -> Result<serde_json::Value, ApiError> {
+        Err(no_balloon())
+    }
+    /// New statistics polling interval (`PATCH /balloon/statistics`).
+    fn patch_balloon_stats(&mut self, secs: u16) -> Result<(), ApiError> {
+        let _ = secs;
+        Err(no_balloon())
+    }
+}
+
+pub use crate::devices::virtio::balloon::BalloonConfig;
+
+/// The error of balloon requests on a VM without a balloon device.
+pub fn no_balloon() -> ApiError {
+    ApiError::BadRequest(
+        crate::devices::virtio::balloon::worker::BalloonApiError::NotConfigured.to_string(),
+    )
 }
 
 impl<T: VmController + ?Sized> VmController for Box<T> {
@@ -137,6 +169,21 @@ impl<T: VmController + ?Sized> VmController for Box<T> {
     }
     fn check_memory(&self) -> serde_json::Value {
         (**self).check_memory()
+    }
+    fn balloon_config(&self) -> Result<serde_json::Value, ApiError> {
+        (**self).balloon_config()
+    }
+    fn put_balloon(&mut self, cfg: BalloonConfig) -> Result<(), ApiError> {
+        (**self).put_balloon(cfg)
+    }
+    fn patch_balloon(&mut self, amount_mib: u32) -> Result<(), ApiError> {
+        (**self).patch_balloon(amount_mib)
+    }
+    fn balloon_stats(&self) -> Result<serde_json::Value, ApiError> {
+        (**self).balloon_stats()
+    }
+    fn patch_balloon_stats(&mut self, secs: u16) -> Result<(), ApiError> {
+        (**self).patch_balloon_stats(secs)
     }
 }
 

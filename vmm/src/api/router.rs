@@ -47,6 +47,31 @@ pub const ROUTES: &[Route] = &[
         path: "/memory/check",
         handler: get_memory_check,
     },
+    Route {
+        method: Method::Get,
+        path: "/balloon",
+        handler: get_balloon,
+    },
+    Route {
+        method: Method::Put,
+        path: "/balloon",
+        handler: put_balloon,
+    },
+    Route {
+        method: Method::Patch,
+        path: "/balloon",
+        handler: patch_balloon,
+    },
+    Route {
+        method: Method::Get,
+        path: "/balloon/statistics",
+        handler: get_balloon_stats,
+    },
+    Route {
+        method: Method::Patch,
+        path: "/balloon/statistics",
+        handler: patch_balloon_stats,
+    },
 ];
 
 fn get_vm(vm: &mut dyn VmController, req: &Request) -> Result<Response, ApiError> {
@@ -80,6 +105,47 @@ fn post_memory_poison(vm: &mut dyn VmController, req: &Request) -> Result<Respon
 fn get_memory_check(vm: &mut dyn VmController, req: &Request) -> Result<Response, ApiError> {
     no_body(req)?;
     Ok(Response::json(&vm.check_memory()))
+}
+
+fn get_balloon(vm: &mut dyn VmController, req: &Request) -> Result<Response, ApiError> {
+    no_body(req)?;
+    Ok(Response::json(&vm.balloon_config()?))
+}
+
+fn put_balloon(vm: &mut dyn VmController, req: &Request) -> Result<Response, ApiError> {
+    vm.put_balloon(json_body(req)?)?;
+    Ok(Response::no_content())
+}
+
+/// Body of `PATCH /balloon` (Firecracker's `BalloonUpdate`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BalloonPatch {
+    amount_mib: u32,
+}
+
+fn patch_balloon(vm: &mut dyn VmController, req: &Request) -> Result<Response, ApiError> {
+    let p: BalloonPatch = json_body(req)?;
+    vm.patch_balloon(p.amount_mib)?;
+    Ok(Response::no_content())
+}
+
+fn get_balloon_stats(vm: &mut dyn VmController, req: &Request) -> Result<Response, ApiError> {
+    no_body(req)?;
+    Ok(Response::json(&vm.balloon_stats()?))
+}
+
+/// Body of `PATCH /balloon/statistics` (Firecracker's `BalloonStatsUpdate`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BalloonStatsPatch {
+    stats_polling_interval_s: u16,
+}
+
+fn patch_balloon_stats(vm: &mut dyn VmController, req: &Request) -> Result<Response, ApiError> {
+    let p: BalloonStatsPatch = json_body(req)?;
+    vm.patch_balloon_stats(p.stats_polling_interval_s)?;
+    Ok(Response::no_content())
 }
 
 /// Rejects a body on a request that takes none.

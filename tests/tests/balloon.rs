@@ -1,0 +1,551 @@
+//! The virtio balloon end to end: the real `vmm` binary, real KVM, the
+//! `balloon` test guest (a virtio-mmio balloon driver in ring 3), the API
+//! over the real socket, host RSS from /proc.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vmm_tests::{require_kvm, temp_dir, vmm, wait_for_path};
+
+const MIB: u64 = 1 << 20;
+
+struct Guest {
+    child: Child,
+    sock: PathBuf,
+    out: Arc<Mutex<String>>,
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Guest {
+    fn start(name: &str, balloon: &str, cmdline: &str) -> Guest {
+        let dir = temp_dir(name);
+        let sock = dir.join("api.sock");
+        let mut child = vmm(&[
+            "run",
+            "--guest",
+            "balloon",
+            "--mem",
+            "256",
+            "--cmdline",
+            cmdline,
+            "--balloon",
+            balloon,
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+        let out = Arc::new(Mutex::new(String::new()));
+        let so = child.stdout.take().unwrap();
+        let o = out.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(so).lines().map_while(Result::ok) {
+                let mut g = o.lock().unwrap();
+                g.push_str(&line);
+                g.push('\n');
+            }
+        });
+        wait_for_path(&sock, Duration::from_secs(10));
+        Guest { child, sock, out }
+    }
+
+    fn output(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+
+    /// Wait until the guest printed a line containing `pat` (`n`-th time).
+    fn wait_line_n(&mut self, pat: &str, n: usize, secs: u64) {
+        let start = Instant::now();
+        loop {
+            if self.output().matches(pat).count() >= n {
+                return;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("vmm exited ({st}) before {pat:?}:\n{}", self.output());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(secs),
+                "no {pat:?} (x{n}) within {secs} s:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_line(&mut self, pat: &str, secs: u64) {
+        self.wait_line_n(pat, 1, secs)
+    }
+
+    fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        api(&self.sock, method, path, body)
+    }
+
+    fn stats(&self) -> Value {
+        let (st, v) = self.api("GET", "/balloon/statistics", None);
+        assert_eq!(st, 200, "{v}");
+        v
+    }
+
+    fn set_target(&self, mib: u64) {
+        let (st, v) = self.api(
+            "PATCH",
+            "/balloon",
+            Some(&format!("{{\"amount_mib\":{mib}}}")),
+        );
+        assert_eq!(st, 204, "{v}");
+    }
+
+    /// Wait until the guest reports `actual` = `pages`.
+    fn wait_actual(&mut self, pages: u64, secs: u64) -> Value {
+        let start = Instant::now();
+        loop {
+            let s = self.stats();
+            if s["actual_pages"] == pages {
+                return s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(secs),
+                "actual_pages never reached {pages}: {s}\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Host RSS of the vmm process (smaps_rollup), bytes.
+    fn rss(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", self.child.id())).unwrap();
+        let kib: u64 = s
+            .lines()
+            .find(|l| l.starts_with("Rss:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        kib * 1024
+    }
+
+    fn released_frames(&self) -> u64 {
+        let (st, v) = self.api("GET", "/memory", None);
+        assert_eq!(st, 200);
+        v["frames"]["released"].as_u64().unwrap_or(0)
+    }
+}
+
+/// One HTTP exchange with the API socket: (status, JSON body or null).
+fn api(sock: &std::path::Path, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let req = match body {
+        Some(b) => format!(
+            "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+            b.len()
+        ),
+        None => format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n\r\n"),
+    };
+    s.write_all(req.as_bytes()).unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+fn counter(s: &Value, name: &str) -> u64 {
+    s["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name} in {s}"))
+}
+
+/// Inflate, check RSS and counters; returns the RSS after inflating.
+fn inflate_and_check(g: &mut Guest, base_rss: u64, mib: u64) -> u64 {
+    let before = g.stats();
+    let released_before = g.released_frames();
+    g.set_target(mib);
+    let after = g.wait_actual(mib * 256, 30);
+    g.wait_line(&format!("at target pages={}", mib * 256), 10);
+    let rss = g.rss();
+    let dropped = base_rss.saturating_sub(rss);
+    assert!(
+        dropped * 100 >= mib * MIB * 95,
+        "inflating {mib} MiB dropped RSS by only {} KiB (base {} KiB, now {} KiB)",
+        dropped >> 10,
+        base_rss >> 10,
+        rss >> 10
+    );
+    assert_eq!(after["target_mib"], mib);
+    assert_eq!(after["actual_mib"], mib);
+    let freed = counter(&after, "released_frames") - counter(&before, "released_frames");
+    assert_eq!(
+        g.released_frames() - released_before,
+        freed,
+        "guestmem and the balloon disagree"
+    );
+    rss
+}
+
+const STATS: &str = "deflate_on_oom=false,stats_polling_interval_s=1";
+
+#[test]
+fn inflate_64_then_200_mib_releases_rss_and_deflate_restores() {
+    require_kvm!();
+    let mut g = Guest::start("balloon-inflate", &format!("amount_mib=0,{STATS}"), "touch");
+    g.wait_line("balloon: at target pages=0", 40);
+    let base = g.rss();
+    inflate_and_check(&mut g, base, 64);
+    inflate_and_check(&mut g, base, 200);
+    let s = g.stats();
+    assert!(
+        counter(&s, "released_frames") * 100 >= 200 * 256 * 95,
+        "{s}"
+    );
+    assert_eq!(s["ballooned_pages"], 200 * 256);
+    // Deflate: the guest checks every returned page reads zero, then uses it.
+    g.set_target(0);
+    g.wait_actual(0, 30);
+    g.wait_line("deflated pages=51200 actual=0", 10);
+    assert!(g.output().contains("zero_ok (target)"));
+    let rss = g.rss();
+    assert!(
+        rss + 16 * MIB >= base,
+        "RSS after deflate {} KiB, before inflating {} KiB",
+        rss >> 10,
+        base >> 10
+    );
+    let s = g.stats();
+    assert_eq!(counter(&s, "deflated_pages"), 200 * 256);
+    assert_eq!(s["ballooned_pages"], 0);
+    let (st, v) = g.api("GET", "/memory/check", None);
+    assert_eq!(st, 200);
+    assert_eq!(v["ok"], true, "{v}");
+}
+
+#[test]
+fn repeated_inflate_deflate_cycles_keep_rss_stable() {
+    require_kvm!();
+    let mut g = Guest::start("balloon-cycles", &format!("amount_mib=0,{STATS}"), "touch");
+    g.wait_line("balloon: at target pages=0", 40);
+    let mut inflated = Vec::new();
+    let mut deflated = Vec::new();
+    for i in 0..4 {
+        g.set_target(128);
+        g.wait_line_n("at target pages=32768", i + 1, 30);
+        inflated.push(g.rss());
+        g.set_target(0);
+        // After the deflate the guest checks and uses the pages again.
+        g.wait_line_n("at target pages=0", i + 2, 30);
+        deflated.push(g.rss());
+    }
+    for (i, (a, b)) in inflated.iter().zip(&deflated).enumerate() {
+        let da = a.abs_diff(inflated[0]);
+        let db = b.abs_diff(deflated[0]);
+        assert!(
+            da <= 4 * MIB && db <= 4 * MIB,
+            "cycle {i}: inflated {} KiB vs {} KiB, deflated {} KiB vs {} KiB",
+            a >> 10,
+            inflated[0] >> 10,
+            b >> 10,
+            deflated[0] >> 10
+        );
+        assert!(b - a >= 120 * MIB, "cycle {i}: the balloon did not release");
+    }
+}
+
+#[test]
+fn statistics_round_trip_and_polling_interval_change() {
+    require_kvm!();
+    let mut g = Guest::start("balloon-stats", &format!("amount_mib=0,{STATS}"), "");
+    g.wait_line("balloon: at target pages=0", 40);
+    std::thread::sleep(Duration::from_millis(2500));
+    let s = g.stats();
+    let total = s["total_memory"].as_u64().expect("total_memory reported");
+    assert!(total > 250 * MIB && total <= 256 * MIB, "{s}");
+    let free0 = s["free_memory"].as_u64().unwrap();
+    assert!(s["available_memory"].as_u64().unwrap() >= free0, "{s}");
+    for k in [
+        "swap_in",
+        "swap_out",
+        "major_faults",
+        "minor_faults",
+        "disk_caches",
+        "hugetlb_allocations",
+        "hugetlb_failures",
+    ] {
+        assert!(s[k].is_u64(), "{k} missing: {s}");
+    }
+    // The guest's numbers follow the balloon.
+    g.set_target(32);
+    g.wait_actual(32 * 256, 30);
+    std::thread::sleep(Duration::from_millis(2500));
+    let free1 = g.stats()["free_memory"].as_u64().unwrap();
+    assert_eq!(
+        free0 - free1,
+        32 * MIB,
+        "free_memory did not follow the balloon"
+    );
+    // Polling every second, then every 3 s.
+    let u0 = counter(&g.stats(), "stats_updates");
+    std::thread::sleep(Duration::from_secs(4));
+    let u1 = counter(&g.stats(), "stats_updates");
+    assert!(
+        (3..=6).contains(&(u1 - u0)),
+        "1 s interval: {} updates in 4 s",
+        u1 - u0
+    );
+    let (st, v) = g.api(
+        "PATCH",
+        "/balloon/statistics",
+        Some(r#"{"stats_polling_interval_s":3}"#),
+    );
+    assert_eq!(st, 204, "{v}");
+    let u2 = counter(&g.stats(), "stats_updates");
+    std::thread::sleep(Duration::from_secs(7));
+    let u3 = counter(&g.stats(), "stats_updates");
+    assert!(
+        (1..=3).contains(&(u3 - u2)),
+        "3 s interval: {} updates in 7 s",
+        u3 - u2
+    );
+    let (_, cfg) = g.api("GET", "/balloon", None);
+    assert_eq!(cfg["stats_polling_interval_s"], 3);
+    assert_eq!(cfg["amount_mib"], 32);
+    // Switching statistics off after boot is refused (as in Firecracker).
+    let (st, v) = g.api(
+        "PATCH",
+        "/balloon/statistics",
+        Some(r#"{"stats_polling_interval_s":0}"#),
+    );
+    assert_eq!(st, 400);
+    assert!(v["fault_message"].as_str().unwrap().contains("after boot"));
+    // PUT after the driver started is refused; bad bodies are 400.
+    let (st, _) = g.api(
+        "PUT",
+        "/balloon",
+        Some(r#"{"amount_mib":1,"deflate_on_oom":false}"#),
+    );
+    assert_eq!(st, 400);
+    let (st, _) = g.api("PATCH", "/balloon", Some(r#"{"amount_mib":100000}"#));
+    assert_eq!(st, 400);
+    let (st, _) = g.api("PATCH", "/balloon", Some(r#"{"amount":1}"#));
+    assert_eq!(st, 400);
+}
+
+#[test]
+fn balloon_requests_without_a_device_are_refused() {
+    require_kvm!();
+    let dir = temp_dir("balloon-none");
+    let sock = dir.join("api.sock");
+    let mut child = vmm(&[
+        "run",
+        "--guest",
+        "echo",
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    wait_for_path(&sock, Duration::from_secs(10));
+    for (m, p, b) in [
+        ("GET", "/balloon", None),
+        ("PATCH", "/balloon", Some(r#"{"amount_mib":1}"#)),
+        ("GET", "/balloon/statistics", None),
+        (
+            "PUT",
+            "/balloon",
+            Some(r#"{"amount_mib":1,"deflate_on_oom":false}"#),
+        ),
+    ] {
+        let (st, v) = api(&sock, m, p, b);
+        assert_eq!(st, 400, "{m} {p}: {v}");
+        assert!(
+            v["fault_message"].as_str().unwrap().contains("--balloon"),
+            "{v}"
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn free_page_reporting_releases_memory_without_shrinking_ram() {
+    require_kvm!();
+    let mut g = Guest::start(
+        "balloon-report",
+        "amount_mib=0,deflate_on_oom=false,stats_polling_interval_s=1,free_page_reporting=true",
+        "report_mib=64 report_delay_ms=2000",
+    );
+    g.wait_line("balloon: report touched pages=16384", 40);
+    let before = g.rss();
+    g.wait_line("balloon: reported pages=16384", 20);
+    let after = g.rss();
+    assert!(
+        (before - after) * 100 >= 64 * MIB * 95,
+        "reporting 64 MiB dropped RSS by {} KiB",
+        (before - after) >> 10
+    );
+    g.wait_line("reported pages read back zero_ok", 20);
+    let s = g.stats();
+    assert_eq!(counter(&s, "reported_pages"), 16384, "{s}");
+    assert_eq!(s["actual_pages"], 0);
+    assert_eq!(s["ballooned_pages"], 0);
+    let (_, vm) = g.api("GET", "/vm", None);
+    assert_eq!(vm["mem_mib"], 256);
+    assert!(g.output().contains("reporting=1"));
+}
+
+#[test]
+fn deflate_on_oom_is_negotiated_and_honoured() {
+    require_kvm!();
+    let mut g = Guest::start(
+        "balloon-oom",
+        "amount_mib=64,deflate_on_oom=true,stats_polling_interval_s=1",
+        "oom_mib=16",
+    );
+    g.wait_line(
+        "balloon: oom deflated pages=4096 actual=12288 target=16384",
+        40,
+    );
+    let s = g.wait_actual(12288, 10);
+    assert_eq!(s["target_pages"], 16384);
+    assert_ne!(s["negotiated_features"].as_u64().unwrap() & (1 << 2), 0);
+    assert_eq!(counter(&s, "deflated_pages"), 4096);
+    assert!(g.output().contains("zero_ok (oom)"));
+    drop(g);
+
+    let mut g = Guest::start(
+        "balloon-nooom",
+        "amount_mib=64,deflate_on_oom=false,stats_polling_interval_s=1",
+        "oom_mib=16",
+    );
+    g.wait_line("oom deflate_on_oom not negotiated", 40);
+    let s = g.wait_actual(16384, 10);
+    assert_eq!(s["negotiated_features"].as_u64().unwrap() & (1 << 2), 0);
+    assert_eq!(counter(&s, "deflated_pages"), 0);
+}
+
+#[test]
+fn bad_guest_input_is_refused_counted_and_survived() {
+    require_kvm!();
+    let mut g = Guest::start("balloon-bad", &format!("amount_mib=0,{STATS}"), "bad");
+    g.wait_line("balloon: bad input done; device works after reset", 40);
+    let s = g.stats();
+    let c = |n| counter(&s, n);
+    assert_eq!(c("bad_pfns"), 2, "{s}");
+    assert_eq!(c("duplicate_pfns"), 2, "{s}");
+    assert_eq!(c("deflate_not_inflated"), 1, "{s}");
+    assert_eq!(c("bad_descriptors"), 4, "{s}");
+    assert_eq!(c("rejected_chains"), 2, "{s}");
+    assert_eq!(c("bad_avail_index"), 1, "{s}");
+    assert_eq!(c("inflated_pages"), 3, "{s}");
+    assert_eq!(c("deflated_pages"), 3, "{s}");
+    assert_eq!(c("release_errors"), 0, "{s}");
+    assert_eq!(s["transport"]["bad_queue_size"], 3, "{s}");
+    assert_eq!(s["transport"]["bad_queue_ready"], 1, "{s}");
+    // Each page was released exactly once per inflate.
+    assert_eq!(c("released_frames") + c("unpopulated_pages"), 3, "{s}");
+    let (st, v) = g.api("GET", "/memory/check", None);
+    assert_eq!(st, 200);
+    assert_eq!(v["ok"], true, "{v}");
+    // And the device still follows the target.
+    g.set_target(8);
+    g.wait_actual(2048, 20);
+}
+
+/// Benchmark (not a test): inflate/deflate throughput and RSS released per
+/// GiB, guestmem backing vs the anonymous baseline in the same run.
+/// `cargo build --release --bins && cargo test --release -p vmm-tests --test balloon bench -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn bench_inflate_deflate_throughput() {
+    require_kvm!();
+    const MIB_INFLATE: u64 = 512;
+    for backing in ["guestmem", "anon"] {
+        let dir = temp_dir(&format!("balloon-bench-{backing}"));
+        let sock = dir.join("api.sock");
+        let mut child = vmm(&[
+            "run",
+            "--guest",
+            "balloon",
+            "--mem",
+            "768",
+            "--mem-backing",
+            backing,
+            "--cmdline",
+            "touch",
+            "--balloon",
+            "amount_mib=0,deflate_on_oom=false,stats_polling_interval_s=1",
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+        let out = Arc::new(Mutex::new(String::new()));
+        let so = child.stdout.take().unwrap();
+        let o = out.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(so).lines().map_while(Result::ok) {
+                o.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        wait_for_path(&sock, Duration::from_secs(10));
+        let mut g = Guest { child, sock, out };
+        g.wait_line("balloon: at target pages=0", 120);
+        let (mut inf, mut def, mut rel) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..5 {
+            let base = g.rss();
+            g.set_target(MIB_INFLATE);
+            g.wait_line_n(
+                &format!("at target pages={}", MIB_INFLATE * 256),
+                i + 1,
+                120,
+            );
+            let low = g.rss();
+            g.set_target(0);
+            g.wait_line_n("at target pages=0", i + 2, 120);
+            let text = g.output();
+            let us = |pat: &str| -> u64 {
+                let l = text.lines().filter(|l| l.contains(pat)).nth(i).unwrap();
+                l.split("us=")
+                    .nth(1)
+                    .unwrap()
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            };
+            inf.push(MIB_INFLATE as f64 / (us("inflated pages=") as f64 / 1e6));
+            def.push(MIB_INFLATE as f64 / (us("deflated pages=") as f64 / 1e6));
+            rel.push((base.saturating_sub(low)) as f64 / (MIB_INFLATE * MIB) as f64);
+        }
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            v[v.len() / 2]
+        };
+        let s = g.stats();
+        println!(
+            "balloon bench backing={backing}: inflate median {:.0} MiB/s, deflate median {:.0} MiB/s, \
+             RSS released per GiB inflated median {:.1}% ({} MiB x5; host release_ns total {} over {} calls)",
+            med(&mut inf), med(&mut def), med(&mut rel) * 100.0, MIB_INFLATE,
+            counter(&s, "release_ns"), counter(&s, "release_calls")
+        );
+    }
+}
