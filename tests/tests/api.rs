@@ -1,52 +1,11 @@
 //! The control API of a running `vmm`, over its real Unix socket.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::process::Stdio;
 use std::time::Duration;
 
-use vmm_tests::{require_kvm, temp_dir, vmm, wait_for_path, wait_output};
-
-/// One raw HTTP exchange; returns (status, body).
-fn http(sock: &std::path::Path, req: &str) -> (u16, String) {
-    let mut s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(req.as_bytes()).unwrap();
-    let mut buf = Vec::new();
-    let mut tmp = [0u8; 4096];
-    // Read until the full body (Content-Length) has arrived.
-    loop {
-        let n = s
-            .read(&mut tmp)
-            .unwrap_or_else(|e| panic!("{req:?}: {e}; got {:?}", String::from_utf8_lossy(&buf)));
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&tmp[..n]);
-        let text = String::from_utf8_lossy(&buf);
-        if let Some(h) = text.find("\r\n\r\n") {
-            let len = text[..h]
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse::<usize>().unwrap())
-                })
-                .unwrap_or(0);
-            if buf.len() >= h + 4 + len {
-                break;
-            }
-        }
-    }
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text[9..12].parse().unwrap();
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
+use vmm_tests::{http, require_kvm, temp_dir, vmm, wait_for_path, wait_output};
 
 fn ctl(sock: &std::path::Path, args: &[&str]) -> std::process::Output {
     let mut a = vec!["ctl", "--api-sock", sock.to_str().unwrap()];

@@ -7,6 +7,7 @@
 //!   the view maps the memfd at exactly that frame's offset;
 //! - no shadow entry ⇒ the view maps no frame there (the guest cannot reach
 //!   the page without a fault);
+//!
 //! plus guestmem's own `check()` and host memory vs. frame counters.
 
 use std::os::fd::AsRawFd;

@@ -154,7 +154,7 @@ impl GuestRam {
     /// Handle `POST /memory/poison`.
     pub fn poison(&self, req: PoisonRequest) -> Result<PoisonReport, PoisonError> {
         let m = self.managed.as_ref().ok_or(PoisonError::Unsupported)?;
-        if req.gpa % guestmem::PAGE_SIZE != 0 {
+        if !req.gpa.is_multiple_of(guestmem::PAGE_SIZE) {
             return Err(PoisonError::NotAligned(req.gpa));
         }
         // Populate the page if the guest never touched it: the memory exists
