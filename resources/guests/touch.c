@@ -11,6 +11,10 @@
  *                a signature (gpa ^ seed) to every 8-byte word and read it all
  *                back; the first bad GPA fails the run
  *   seed=N       signature seed (default 0x5eed0f7001c4a11e)
+ *   wait=1       print "touch: waiting for a line" and wait for one line on
+ *                COM1 before touching (lets a test prepare the host first)
+ *   hold=1       after "touch: ok", print "touch: holding" and wait for one
+ *                more line before exiting (lets a test inspect the host)
  *
  * Output (per pattern):
  *   touch: range pattern=P start=0x.. end=0x.. stride_pages=S write_offset=O first_touch_ms=T
@@ -222,6 +226,13 @@ int guest_main(void)
     kit_printf("touch: mib=%lu start=0x%lx end=0x%lx pattern=%s verify=%lu tsc_khz=%lu\n", len >> 20, start,
                start + len, pat_names[pat], verify, khz);
 
+    bool bad5;
+    if (kit_cmdline_u64("wait", 0, &bad5) && !bad5) {
+        /* wait=1: let the host prepare (e.g. poison free frames) first. */
+        kit_printf("touch: waiting for a line\n");
+        for (int c = kit_serial_getc(); c != '\n' && c != '\r'; c = kit_serial_getc())
+            ;
+    }
     if (pat != P_ALL) {
         int r = run(pat, start, len, verify, zero, seed, khz);
         if (r)
@@ -239,5 +250,11 @@ int guest_main(void)
         }
     }
     kit_printf("touch: ok\n");
+    if (kit_cmdline_u64("hold", 0, &bad5) && !bad5) {
+        /* hold=1: stay up (RAM still mapped) until one more line arrives. */
+        kit_printf("touch: holding\n");
+        for (int c = kit_serial_getc(); c != '\n' && c != '\r'; c = kit_serial_getc())
+            ;
+    }
     return 0;
 }

@@ -58,9 +58,9 @@ impl VmController for VmApi {
             PoisonError::Failure(_) | PoisonError::Populate { .. } => ApiError::Conflict(e.to_string()),
             _ => ApiError::BadRequest(e.to_string()),
         })?;
-        if report.inject_now {
+        if let (true, Some(gpa)) = (report.inject_now, report.gpa) {
             // A scrubber found it: report it at once, on vCPU 0.
-            self.0.mce.queue(0, McAction::Optional, report.gpa);
+            self.0.mce.queue(0, McAction::Optional, gpa);
             self.0.threads.kick(0);
         }
         serde_json::to_value(&report).map_err(|e| ApiError::Internal(e.to_string()))

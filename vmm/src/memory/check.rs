@@ -3,8 +3,9 @@
 //! the guest view (from /proc/self/maps, i.e. what KVM can reach).
 //!
 //! Checked per 4 KiB page of guest RAM:
-//! - a shadow entry exists ⇒ guestmem maps the page to the same frame, and
-//!   the view maps the memfd at exactly that frame's offset;
+//! - a shadow entry exists ⇒ guestmem maps the page to the same frame, the
+//!   frame is not poisoned, and the view maps the memfd at exactly that
+//!   frame's offset;
 //! - no shadow entry ⇒ the view maps no frame there (the guest cannot reach
 //!   the page without a fault);
 //!
@@ -139,6 +140,10 @@ impl GuestRam {
                                 format!("gpa {gpa:#x}: shadow EPT maps host {host:#x}, guestmem maps {:#x}", p.host_addr + (gpa - p.gpa)),
                             ),
                             None => problem(&mut rep, format!("gpa {gpa:#x}: shadow entry but guestmem has no mapping")),
+                        }
+                        let frame = (ept_offset >> guestmem::PAGE_SHIFT) as guestmem::FrameId;
+                        if m.gm.allocator().desc(frame).has(guestmem::frame::HWPOISON) {
+                            problem(&mut rep, format!("gpa {gpa:#x}: shadow entry points at poisoned frame {frame}"));
                         }
                         if let Some(off) = view {
                             if off != ept_offset {

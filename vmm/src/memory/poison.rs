@@ -21,12 +21,38 @@ pub enum PoisonKind {
     Soft,
 }
 
+/// Which frame to poison when the request names a frame instead of a GPA
+/// (like Linux's hwpoison-inject `corrupt-pfn`): an index into the pool, or
+/// the first frame currently free in the buddy lists / on a per-vCPU list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum FrameSelector {
+    /// A frame index.
+    Index(u32),
+    /// `"free"` or `"pcp"`.
+    State(FrameClass),
+}
+
+/// Frame classes a request can pick from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FrameClass {
+    /// Free in the buddy allocator.
+    Free,
+    /// Cached on a per-vCPU list.
+    Pcp,
+}
+
 /// Body of `POST /memory/poison`.
 #[derive(Clone, Copy, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoisonRequest {
-    /// Guest-physical address of the page (4 KiB aligned).
-    pub gpa: u64,
+    /// Guest-physical address of the page (4 KiB aligned); or give `frame`.
+    #[serde(default)]
+    pub gpa: Option<u64>,
+    /// A host frame of the pool instead of a guest page.
+    #[serde(default)]
+    pub frame: Option<FrameSelector>,
     /// Hard or soft.
     pub kind: PoisonKind,
     /// For hard poison: report at the next access (required) or at once (optional).
@@ -41,8 +67,8 @@ fn default_action() -> McAction {
 /// What a poison request did.
 #[derive(Clone, Debug, Serialize)]
 pub struct PoisonReport {
-    /// The page.
-    pub gpa: u64,
+    /// The guest page (absent when a free frame was poisoned).
+    pub gpa: Option<u64>,
     /// Hard or soft.
     pub kind: PoisonKind,
     /// The action requested.
@@ -70,6 +96,12 @@ pub enum PoisonError {
         /// The RAM ranges, for the message.
         ranges: String,
     },
+    /// Neither or both of `gpa` and `frame`.
+    #[error("give exactly one of \"gpa\" (a guest page) or \"frame\" (a frame index, \"free\" or \"pcp\")")]
+    Target,
+    /// No frame of the asked class exists right now.
+    #[error("no frame is {0} right now")]
+    NoSuchFrame(&'static str),
     /// Anonymous backing: no frame management.
     #[error("poison needs the guestmem backing (this VM runs with --mem-backing anon)")]
     Unsupported,
@@ -154,76 +186,53 @@ impl GuestRam {
     /// Handle `POST /memory/poison`.
     pub fn poison(&self, req: PoisonRequest) -> Result<PoisonReport, PoisonError> {
         let m = self.managed.as_ref().ok_or(PoisonError::Unsupported)?;
-        if !req.gpa.is_multiple_of(guestmem::PAGE_SIZE) {
-            return Err(PoisonError::NotAligned(req.gpa));
-        }
-        // Populate the page if the guest never touched it: the memory exists
-        // (as on real hardware) and its frame is what fails.
-        let resolved = m.gm.resolve(req.gpa, 0).map_err(|err| match err {
-            ResolveError::OutOfRange { gpa } => PoisonError::NotRam {
-                gpa,
-                ranges: crate::layout::e820_map(self.bytes)
-                    .iter()
-                    .filter(|e| e.2 == crate::layout::E820_RAM)
-                    .map(|e| format!("{:#x}-{:#x}", e.0, e.0 + e.1))
-                    .collect::<Vec<_>>()
-                    .join(", "),
+        let (frame, gpa) = match (req.gpa, req.frame) {
+            (Some(gpa), None) => match self.frame_for_gpa(m, gpa)? {
+                Some(frame) => (frame, Some(gpa)),
+                None => {
+                    let report = PoisonReport {
+                        gpa: Some(gpa),
+                        kind: req.kind,
+                        action: req.action,
+                        outcome: "already_poisoned".into(),
+                        frame: u32::MAX,
+                        inject_now: false,
+                    };
+                    m.poison.record(&report);
+                    return Ok(report);
+                }
             },
-            err => PoisonError::Populate { gpa: req.gpa, err },
-        });
-        let frame = match resolved {
-            Ok(_) => {
-                m.gm.frame_of_gpa(req.gpa)
-                    .ok_or(FailureError::NotMapped { gpa: req.gpa })?
-            }
-            Err(PoisonError::Populate {
-                err: ResolveError::Poisoned { .. },
-                ..
-            }) => {
-                let report = PoisonReport {
-                    gpa: req.gpa,
-                    kind: req.kind,
-                    action: req.action,
-                    outcome: "already_poisoned".into(),
-                    frame: u32::MAX,
-                    inject_now: false,
-                };
-                m.poison.record(&report);
-                return Ok(report);
-            }
-            Err(e) => return Err(e),
+            (None, Some(sel)) => (Self::select_frame(m, sel)?, None),
+            _ => return Err(PoisonError::Target),
         };
-        let (outcome, inject_now) = match req.kind {
+        let (outcome, mapped_gpa, inject_now) = match req.kind {
             PoisonKind::Hard => {
-                let flags = MfFlags {
-                    action_required: req.action == McAction::Required,
-                };
+                let flags = MfFlags { action_required: req.action == McAction::Required };
                 let o = m.gm.memory_failure(frame, flags)?;
-                log::warn!("memory failure: gpa {:#x} frame {frame}: {o:?}", req.gpa);
-                let name = match o {
-                    MfOutcome::AlreadyPoisoned => "already_poisoned",
-                    MfOutcome::Free => "free",
-                    MfOutcome::PerCpuList => "per_cpu_list",
-                    MfOutcome::Mapped { .. } => "mapped",
-                    MfOutcome::InUse => "in_use",
-                    MfOutcome::Reserved => "reserved",
+                log::warn!("memory failure: frame {frame} (gpa {gpa:x?}): {o:?}");
+                let (name, mapped) = match o {
+                    MfOutcome::AlreadyPoisoned => ("already_poisoned", None),
+                    MfOutcome::Free => ("free", None),
+                    MfOutcome::PerCpuList => ("per_cpu_list", None),
+                    MfOutcome::Mapped { gpa, .. } => ("mapped", Some(gpa)),
+                    MfOutcome::InUse => ("in_use", None),
+                    MfOutcome::Reserved => ("reserved", None),
                 };
-                let mapped = matches!(o, MfOutcome::Mapped { .. });
-                (name, mapped && req.action == McAction::Optional)
+                (name, mapped, mapped.is_some() && req.action == McAction::Optional)
             }
             PoisonKind::Soft => {
                 let o = m.gm.soft_offline(frame)?;
-                log::warn!("soft offline: gpa {:#x} frame {frame}: {o:?}", req.gpa);
+                log::warn!("soft offline: frame {frame} (gpa {gpa:x?}): {o:?}");
                 let name = match o {
                     SoftOfflineOutcome::AlreadyOffline => "already_offline",
                     SoftOfflineOutcome::Free => "free",
                     SoftOfflineOutcome::Migrated { .. } => "migrated",
                 };
-                (name, false)
+                (name, None, false)
             }
         };
         let report = PoisonReport {
-            gpa: req.gpa,
+            gpa: gpa.or(mapped_gpa),
             kind: req.kind,
             action: req.action,
             outcome: outcome.into(),
@@ -232,6 +241,49 @@ impl GuestRam {
         };
         m.poison.record(&report);
         Ok(report)
+    }
+
+    /// The frame backing guest page `gpa`, populating it if the guest never
+    /// touched it (the memory exists, as on real hardware, and its frame is
+    /// what fails). None when the page is already poisoned.
+    fn frame_for_gpa(&self, m: &super::Managed, gpa: u64) -> Result<Option<guestmem::FrameId>, PoisonError> {
+        if !gpa.is_multiple_of(guestmem::PAGE_SIZE) {
+            return Err(PoisonError::NotAligned(gpa));
+        }
+        match m.gm.resolve(gpa, 0) {
+            Ok(_) => Ok(Some(m.gm.frame_of_gpa(gpa).ok_or(FailureError::NotMapped { gpa })?)),
+            Err(ResolveError::Poisoned { .. }) => Ok(None),
+            Err(ResolveError::OutOfRange { gpa }) => Err(PoisonError::NotRam {
+                gpa,
+                ranges: crate::layout::e820_map(self.bytes)
+                    .iter()
+                    .filter(|e| e.2 == crate::layout::E820_RAM)
+                    .map(|e| format!("{:#x}-{:#x}", e.0, e.0 + e.1))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+            Err(err) => Err(PoisonError::Populate { gpa, err }),
+        }
+    }
+
+    fn select_frame(m: &super::Managed, sel: FrameSelector) -> Result<guestmem::FrameId, PoisonError> {
+        let alloc = m.gm.allocator();
+        let (want, name) = match sel {
+            FrameSelector::Index(i) => {
+                if i >= alloc.frames() {
+                    return Err(FailureError::NoSuchFrame { frame: i, frames: alloc.frames() }.into());
+                }
+                return Ok(i);
+            }
+            FrameSelector::State(FrameClass::Free) => (guestmem::FrameState::Buddy, "free in the buddy allocator"),
+            FrameSelector::State(FrameClass::Pcp) => (guestmem::FrameState::Pcp, "on a per-vCPU list"),
+        };
+        // Scan from the top: guest RAM is populated from low frames first,
+        // so free frames are found quickly there.
+        (0..alloc.frames())
+            .rev()
+            .find(|&f| alloc.desc(f).state() == want)
+            .ok_or(PoisonError::NoSuchFrame(name))
     }
 
     /// Count a machine check injected into the guest.
