@@ -113,3 +113,45 @@ fn api_socket_path_that_is_a_regular_file_is_refused() {
     assert_eq!(out.code(), 64, "{out:?}");
     assert_eq!(std::fs::read(&p).unwrap(), b"keep me");
 }
+
+/// Run `vmm run` through a wrapper command (root only); None when the
+/// wrapper cannot be used here (not root, tool missing, binary not reachable).
+fn run_wrapped(wrapper: &[&str]) -> Option<(i32, String)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: needs root to drop privileges / hide /dev/kvm");
+        return None;
+    }
+    let bin = vmm_tests::vmm_bin();
+    let mut args: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
+    let last = args.pop().unwrap();
+    args.push(format!("{last} {} run", bin.display()));
+    let out = std::process::Command::new(&args[0]).args(&args[1..]).output().ok()?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !err.contains("vmm: ") {
+        eprintln!("SKIP: {wrapper:?} could not run vmm here: {err}");
+        return None;
+    }
+    Some((out.status.code().unwrap_or(-1), err))
+}
+
+#[test]
+fn missing_dev_kvm_says_how_to_fix() {
+    // A private mount namespace with an empty /dev.
+    let Some((code, err)) = run_wrapped(&["unshare", "-m", "sh", "-c", "mount -t tmpfs none /dev && exec"]) else {
+        return;
+    };
+    assert_eq!(code, 69, "{err}");
+    assert!(err.contains("/dev/kvm does not exist") && err.contains("modprobe"), "{err}");
+}
+
+#[test]
+fn no_permission_on_dev_kvm_says_how_to_fix() {
+    let Some((code, err)) =
+        run_wrapped(&["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", "exec"])
+    else {
+        return;
+    };
+    assert_eq!(code, 69, "{err}");
+    assert!(err.contains("permission denied") && err.contains("usermod -aG kvm"), "{err}");
+}
