@@ -90,9 +90,9 @@ pub struct GuestRam {
 fn view_regions(view_base: u64, bytes: u64) -> Result<GuestMemoryMmap<()>, MemoryError> {
     let mut regions = Vec::new();
     for r in ram_ranges(bytes) {
-        // SAFETY: the range lies inside the guest view, which lives as long
-        // as the `GuestRam` that owns this collection (the view is dropped
-        // after `mem`, see the field order and Drop of GuestRam).
+        // The range lies inside the guest view, which outlives this collection
+        // (GuestRam drops `mem` before `managed`, which owns the view).
+        // SAFETY: see above; the mapping stays valid while `m` lives.
         let m = unsafe {
             MmapRegion::build_raw(
                 (view_base + r.start) as *mut u8,
@@ -263,9 +263,9 @@ impl GuestRam {
     pub fn register_memslots(&self, vm: &Vm) -> Result<(), MemoryError> {
         use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
         for (slot, r) in self.mem.iter().enumerate() {
-            // SAFETY: the region's mapping (the view, or an anonymous
-            // mapping) lives as long as `self`, which the runner keeps alive
-            // until after the VM is dropped.
+            // The mapping (the view, or anonymous memory) lives as long as
+            // `self`, which the runner keeps alive until the VM is dropped.
+            // SAFETY: see above.
             unsafe { vm.set_memslot(slot as u32, r.start_addr().0, r.len(), r.as_ptr() as u64) }?;
         }
         Ok(())
@@ -311,7 +311,9 @@ impl GuestRam {
                 for r in self.mem.iter() {
                     // SAFETY: dropping the pages of our own anonymous
                     // mapping; they read back as zero.
-                    unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_DONTNEED) };
+                    unsafe {
+                        libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_DONTNEED)
+                    };
                 }
             }
         }

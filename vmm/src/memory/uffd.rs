@@ -85,12 +85,21 @@ pub struct Userfaultfd {
 impl Userfaultfd {
     /// Open a userfaultfd that reports thread ids and can poison pages.
     pub fn new() -> Result<Self, UffdError> {
-        // SAFETY: plain syscall; flags are valid. Faults from the kernel
-        // (KVM's get_user_pages) must be reported, so no USER_MODE_ONLY.
-        let raw =
+        // Faults from the kernel (KVM's get_user_pages) must be reported, so
+        // no UFFD_USER_MODE_ONLY. SAFETY: plain syscall with valid flags.
+        let mut raw =
             unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if raw < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) {
+            // Unprivileged and vm.unprivileged_userfaultfd=0: /dev/userfaultfd
+            // (Linux 6.1+) grants the same to whoever may open it.
+            raw = open_dev_userfaultfd();
+        }
         if raw < 0 {
-            return Err(os("open (is vm.unprivileged_userfaultfd 0 and the VMM unprivileged? run as root or set it to 1)"));
+            return Err(UffdError::Os {
+                what: "open (as a non-root user: `sudo sysctl vm.unprivileged_userfaultfd=1`, or give \
+                       yourself read/write access to /dev/userfaultfd, or run with --mem-backing anon)",
+                err: std::io::Error::last_os_error(),
+            });
         }
         // SAFETY: the syscall returned a new descriptor we now own.
         let fd = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
@@ -189,6 +198,26 @@ impl Userfaultfd {
         }
         Ok(out.len() - before)
     }
+}
+
+/// `USERFAULTFD_IOC_NEW` on /dev/userfaultfd; returns the new fd or -1.
+fn open_dev_userfaultfd() -> i64 {
+    const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xaa00;
+    let Ok(dev) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")
+    else {
+        return -1;
+    };
+    // SAFETY: the ioctl takes the flags as its argument and returns a new fd.
+    i64::from(unsafe {
+        libc::ioctl(
+            dev.as_raw_fd(),
+            USERFAULTFD_IOC_NEW,
+            libc::O_CLOEXEC | libc::O_NONBLOCK,
+        )
+    })
 }
 
 impl AsRawFd for Userfaultfd {
