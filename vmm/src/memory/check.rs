@@ -143,7 +143,12 @@ impl GuestRam {
                         }
                         let frame = (ept_offset >> guestmem::PAGE_SHIFT) as guestmem::FrameId;
                         if m.gm.allocator().desc(frame).has(guestmem::frame::HWPOISON) {
-                            problem(&mut rep, format!("gpa {gpa:#x}: shadow entry points at poisoned frame {frame}"));
+                            problem(
+                                &mut rep,
+                                format!(
+                                    "gpa {gpa:#x}: shadow entry points at poisoned frame {frame}"
+                                ),
+                            );
                         }
                         if let Some(off) = view {
                             if off != ept_offset {

@@ -207,7 +207,9 @@ impl GuestRam {
         };
         let (outcome, mapped_gpa, inject_now) = match req.kind {
             PoisonKind::Hard => {
-                let flags = MfFlags { action_required: req.action == McAction::Required };
+                let flags = MfFlags {
+                    action_required: req.action == McAction::Required,
+                };
                 let o = m.gm.memory_failure(frame, flags)?;
                 log::warn!("memory failure: frame {frame} (gpa {gpa:x?}): {o:?}");
                 let (name, mapped) = match o {
@@ -218,7 +220,11 @@ impl GuestRam {
                     MfOutcome::InUse => ("in_use", None),
                     MfOutcome::Reserved => ("reserved", None),
                 };
-                (name, mapped, mapped.is_some() && req.action == McAction::Optional)
+                (
+                    name,
+                    mapped,
+                    mapped.is_some() && req.action == McAction::Optional,
+                )
             }
             PoisonKind::Soft => {
                 let o = m.gm.soft_offline(frame)?;
@@ -246,12 +252,19 @@ impl GuestRam {
     /// The frame backing guest page `gpa`, populating it if the guest never
     /// touched it (the memory exists, as on real hardware, and its frame is
     /// what fails). None when the page is already poisoned.
-    fn frame_for_gpa(&self, m: &super::Managed, gpa: u64) -> Result<Option<guestmem::FrameId>, PoisonError> {
+    fn frame_for_gpa(
+        &self,
+        m: &super::Managed,
+        gpa: u64,
+    ) -> Result<Option<guestmem::FrameId>, PoisonError> {
         if !gpa.is_multiple_of(guestmem::PAGE_SIZE) {
             return Err(PoisonError::NotAligned(gpa));
         }
         match m.gm.resolve(gpa, 0) {
-            Ok(_) => Ok(Some(m.gm.frame_of_gpa(gpa).ok_or(FailureError::NotMapped { gpa })?)),
+            Ok(_) => Ok(Some(
+                m.gm.frame_of_gpa(gpa)
+                    .ok_or(FailureError::NotMapped { gpa })?,
+            )),
             Err(ResolveError::Poisoned { .. }) => Ok(None),
             Err(ResolveError::OutOfRange { gpa }) => Err(PoisonError::NotRam {
                 gpa,
@@ -266,17 +279,28 @@ impl GuestRam {
         }
     }
 
-    fn select_frame(m: &super::Managed, sel: FrameSelector) -> Result<guestmem::FrameId, PoisonError> {
+    fn select_frame(
+        m: &super::Managed,
+        sel: FrameSelector,
+    ) -> Result<guestmem::FrameId, PoisonError> {
         let alloc = m.gm.allocator();
         let (want, name) = match sel {
             FrameSelector::Index(i) => {
                 if i >= alloc.frames() {
-                    return Err(FailureError::NoSuchFrame { frame: i, frames: alloc.frames() }.into());
+                    return Err(FailureError::NoSuchFrame {
+                        frame: i,
+                        frames: alloc.frames(),
+                    }
+                    .into());
                 }
                 return Ok(i);
             }
-            FrameSelector::State(FrameClass::Free) => (guestmem::FrameState::Buddy, "free in the buddy allocator"),
-            FrameSelector::State(FrameClass::Pcp) => (guestmem::FrameState::Pcp, "on a per-vCPU list"),
+            FrameSelector::State(FrameClass::Free) => {
+                (guestmem::FrameState::Buddy, "free in the buddy allocator")
+            }
+            FrameSelector::State(FrameClass::Pcp) => {
+                (guestmem::FrameState::Pcp, "on a per-vCPU list")
+            }
         };
         // Scan from the top: guest RAM is populated from low frames first,
         // so free frames are found quickly there.

@@ -142,7 +142,10 @@ impl GuestView {
     pub fn zap(&self, r: GpaRange) -> Result<(), ViewError> {
         assert!(r.end <= self.span, "zap {r:x?} outside the view");
         for ram in &self.ram {
-            let part = GpaRange { start: r.start.max(ram.start), end: r.end.min(ram.end) };
+            let part = GpaRange {
+                start: r.start.max(ram.start),
+                end: r.end.min(ram.end),
+            };
             if part.is_empty() {
                 continue;
             }
