@@ -6,15 +6,17 @@
 //!
 //! Poison protocol (why a poisoned frame is never handed out): every path
 //! that puts a frame on a free list (per-vCPU free, trim, drain, zone free)
-//! checks `HWPOISON` while holding that list's lock and retires the frame
-//! instead, and every path that takes a frame off a per-vCPU list checks it
-//! too. `memory_failure` sets `HWPOISON` first and then passes through every
-//! list lock ([`FrameAllocator::barrier`]), so after the barrier any free in
-//! flight is visible and any later one sees the flag.
+//! checks `HWPOISON` while holding that list exclusively (its lock, or its
+//! owner's fast-path section, see `pcp.rs`) and retires the frame instead,
+//! and every path that takes a frame off a per-vCPU list checks it too.
+//! `memory_failure` sets `HWPOISON` first and then passes through every
+//! list ([`FrameAllocator::barrier`]: lock plus owner handshake), so after
+//! the barrier any free in flight is visible and any later one sees the
+//! flag.
 
 use crate::buddy::{Zone, MAX_ORDER};
 use crate::frame::{FrameDesc, FrameId, FrameState, CLEAN, HWPOISON};
-use crate::pcp::{Pcp, PcpConfig};
+use crate::pcp::{init_barrier, lock_all, Pcp, PcpConfig};
 use crate::sync::{lock, AtomicU64, Mutex, MutexGuard, Ordering};
 
 /// Why an allocation or free was refused.
@@ -92,6 +94,7 @@ impl FrameAllocator {
     /// `reserved` (state `Reserved`), with `vcpus` per-vCPU lists.
     pub fn new(frames: u32, reserved: u32, vcpus: usize, cfg: PcpConfig) -> Self {
         assert!(vcpus > 0 && cfg.batch > 0 && cfg.high >= cfg.batch);
+        init_barrier();
         let descs: Box<[FrameDesc]> = (0..frames)
             .map(|i| {
                 let st = if i < reserved {
@@ -161,9 +164,7 @@ impl FrameAllocator {
     #[inline]
     pub fn alloc(&self, cpu: usize, order: u32) -> Result<FrameId, AllocError> {
         if order == 0 {
-            let pcp = self.pcp(cpu)?;
-            let mut list = pcp.list.lock();
-            loop {
+            return self.pcp(cpu)?.with(|list| loop {
                 let f = match list.frames.pop() {
                     Some(f) => f,
                     None => {
@@ -182,7 +183,7 @@ impl FrameAllocator {
                 d.set_state(FrameState::Allocated, 0);
                 list.allocated += 1;
                 return Ok(f);
-            }
+            });
         }
         if order > MAX_ORDER {
             return Err(AllocError::BadOrder { order });
@@ -242,18 +243,18 @@ impl FrameAllocator {
             });
         }
         if order == 0 {
-            let pcp = self.pcp(cpu)?;
-            let mut list = pcp.list.lock();
-            list.allocated -= 1;
-            if d.has(HWPOISON) {
-                self.retire(frame);
-                return Ok(());
-            }
-            d.set_state(FrameState::Pcp, 0);
-            list.frames.push(frame);
-            if list.frames.len() > self.cfg.high as usize {
-                self.trim(&mut list.frames);
-            }
+            self.pcp(cpu)?.with(|list| {
+                list.allocated -= 1;
+                if d.has(HWPOISON) {
+                    self.retire(frame);
+                    return;
+                }
+                d.set_state(FrameState::Pcp, 0);
+                list.frames.push(frame);
+                if list.frames.len() > self.cfg.high as usize {
+                    self.trim(&mut list.frames);
+                }
+            });
             return Ok(());
         }
         let mut zone = self.lock_zone();
@@ -297,8 +298,7 @@ impl FrameAllocator {
     /// Give every frame on `cpu`'s list back to the zone. Returns how many
     /// frames left the list.
     pub fn drain_cpu(&self, cpu: usize) -> Result<usize, AllocError> {
-        let pcp = self.pcp(cpu)?;
-        let mut list = pcp.list.lock();
+        let mut list = self.pcp(cpu)?.lock_remote();
         let n = list.frames.len();
         if n > 0 {
             self.trim_all(&mut list.frames);
@@ -318,24 +318,43 @@ impl FrameAllocator {
 
     /// Drain every per-vCPU list (remotely; owners may keep running).
     pub fn drain_all(&self) -> usize {
-        (0..self.pcps.len())
-            .map(|c| self.drain_cpu(c).unwrap_or(0))
-            .sum()
+        let mut n = 0;
+        for mut list in lock_all(&self.pcps) {
+            n += list.frames.len();
+            if !list.frames.is_empty() {
+                self.trim_all(&mut list.frames);
+            }
+        }
+        n
     }
 
-    /// Pass through every list lock once (see the module docs).
+    /// Pass through every list once, excluding its owner's fast path too
+    /// (see the module docs and `pcp.rs`).
     pub(crate) fn barrier(&self) {
-        for p in self.pcps.iter() {
-            drop(p.list.lock());
-        }
+        drop(lock_all(&self.pcps));
         drop(self.lock_zone());
     }
 
-    /// True when `frame` is on some per-vCPU list (takes each list lock).
+    /// The allocator half of `memory_failure` for loom models (which cannot
+    /// build a `GuestMemory`): poison `frame`, pass the barrier, and drain
+    /// the lists when the frame sits on one. Returns the state after.
+    #[cfg(feature = "loom")]
+    #[doc(hidden)]
+    pub fn model_memory_failure(&self, frame: FrameId) -> FrameState {
+        let d = &self.descs[frame as usize];
+        assert!(!d.test_and_set(HWPOISON));
+        self.barrier();
+        if d.state() == FrameState::Pcp {
+            self.drain_all();
+        }
+        d.state()
+    }
+
+    /// True when `frame` is on some per-vCPU list (takes each list, remotely).
     pub fn on_pcp_list(&self, frame: FrameId) -> bool {
         self.pcps
             .iter()
-            .any(|p| p.list.lock().frames.contains(&frame))
+            .any(|p| p.lock_remote().frames.contains(&frame))
     }
 
     /// Split an allocated block into `2^order` order-0 blocks in `state`
@@ -352,8 +371,7 @@ impl FrameAllocator {
     pub fn counts(&self) -> AllocCounts {
         let mut pcp_cached = 0u64;
         let mut allocated = 0i64;
-        for p in self.pcps.iter() {
-            let l = p.list.lock();
+        for l in lock_all(&self.pcps) {
             pcp_cached += l.frames.len() as u64;
             allocated += l.allocated;
         }

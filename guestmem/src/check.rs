@@ -121,7 +121,7 @@ impl GuestMemory {
         let _ops = self.lock_ops();
         let space = self.read_space();
         let a = &self.alloc;
-        let pcps: Vec<_> = a.pcps.iter().map(|p| p.list.lock()).collect();
+        let pcps = crate::pcp::lock_all(&a.pcps);
         let zone = a.lock_zone();
         let n = a.frames() as usize;
         let mut seen = vec![false; n];

@@ -5,7 +5,8 @@
 //! - `state`: the exclusive *state* (bits 0..4) and the block *order*
 //!   (bits 4..8, valid on heads). It is written with a plain store, only
 //!   under the lock that owns the list or map the frame moves between
-//!   (per-vCPU list lock, zone lock, space lock), so the allocation fast path
+//!   (per-vCPU list lock or owner section, zone lock, space lock), so the
+//!   allocation fast path
 //!   needs no read-modify-write on the descriptor.
 //! - `flags`: `HWPOISON`, `LOCKED`, `WAITERS`, `CLEAN`, `HAS_HWPOISONED`,
 //!   `MAPPED_AT_FAILURE`, `SOFT_OFFLINED`, changed with atomic
