@@ -176,7 +176,7 @@ fn inflate_and_check(g: &mut Guest, base_rss: u64, mib: u64) -> u64 {
     let released_before = g.released_frames();
     g.set_target(mib);
     let after = g.wait_actual(mib * 256, 30);
-    g.wait_line(&format!("at target pages={}", mib * 256), 10);
+    g.wait_line(&format!("at target pages={}", mib * 256), 30);
     let rss = g.rss();
     let dropped = base_rss.saturating_sub(rss);
     assert!(
@@ -203,7 +203,7 @@ const STATS: &str = "deflate_on_oom=false,stats_polling_interval_s=1";
 fn inflate_64_then_200_mib_releases_rss_and_deflate_restores() {
     require_kvm!();
     let mut g = Guest::start("balloon-inflate", &format!("amount_mib=0,{STATS}"), "touch");
-    g.wait_line("balloon: at target pages=0", 40);
+    g.wait_line("balloon: at target pages=0", 120);
     let base = g.rss();
     inflate_and_check(&mut g, base, 64);
     inflate_and_check(&mut g, base, 200);
@@ -216,7 +216,7 @@ fn inflate_64_then_200_mib_releases_rss_and_deflate_restores() {
     // Deflate: the guest checks every returned page reads zero, then uses it.
     g.set_target(0);
     g.wait_actual(0, 30);
-    g.wait_line("deflated pages=51200 actual=0", 10);
+    g.wait_line("deflated pages=51200 actual=0", 30);
     assert!(g.output().contains("zero_ok (target)"));
     let rss = g.rss();
     assert!(
@@ -237,16 +237,16 @@ fn inflate_64_then_200_mib_releases_rss_and_deflate_restores() {
 fn repeated_inflate_deflate_cycles_keep_rss_stable() {
     require_kvm!();
     let mut g = Guest::start("balloon-cycles", &format!("amount_mib=0,{STATS}"), "touch");
-    g.wait_line("balloon: at target pages=0", 40);
+    g.wait_line("balloon: at target pages=0", 120);
     let mut inflated = Vec::new();
     let mut deflated = Vec::new();
     for i in 0..4 {
         g.set_target(128);
-        g.wait_line_n("at target pages=32768", i + 1, 30);
+        g.wait_line_n("at target pages=32768", i + 1, 90);
         inflated.push(g.rss());
         g.set_target(0);
         // After the deflate the guest checks and uses the pages again.
-        g.wait_line_n("at target pages=0", i + 2, 30);
+        g.wait_line_n("at target pages=0", i + 2, 90);
         deflated.push(g.rss());
     }
     for (i, (a, b)) in inflated.iter().zip(&deflated).enumerate() {
@@ -268,7 +268,7 @@ fn repeated_inflate_deflate_cycles_keep_rss_stable() {
 fn statistics_round_trip_and_polling_interval_change() {
     require_kvm!();
     let mut g = Guest::start("balloon-stats", &format!("amount_mib=0,{STATS}"), "");
-    g.wait_line("balloon: at target pages=0", 40);
+    g.wait_line("balloon: at target pages=0", 120);
     std::thread::sleep(Duration::from_millis(2500));
     let s = g.stats();
     let total = s["total_memory"].as_u64().expect("total_memory reported");
@@ -390,16 +390,16 @@ fn free_page_reporting_releases_memory_without_shrinking_ram() {
         "amount_mib=0,deflate_on_oom=false,stats_polling_interval_s=1,free_page_reporting=true",
         "report_mib=64 report_delay_ms=2000",
     );
-    g.wait_line("balloon: report touched pages=16384", 40);
+    g.wait_line("balloon: report touched pages=16384", 120);
     let before = g.rss();
-    g.wait_line("balloon: reported pages=16384", 20);
+    g.wait_line("balloon: reported pages=16384", 60);
     let after = g.rss();
     assert!(
         (before - after) * 100 >= 64 * MIB * 95,
         "reporting 64 MiB dropped RSS by {} KiB",
         (before - after) >> 10
     );
-    g.wait_line("reported pages read back zero_ok", 20);
+    g.wait_line("reported pages read back zero_ok", 60);
     let s = g.stats();
     assert_eq!(counter(&s, "reported_pages"), 16384, "{s}");
     assert_eq!(s["actual_pages"], 0);
@@ -433,7 +433,7 @@ fn deflate_on_oom_is_negotiated_and_honoured() {
         "amount_mib=64,deflate_on_oom=false,stats_polling_interval_s=1",
         "oom_mib=16",
     );
-    g.wait_line("oom deflate_on_oom not negotiated", 40);
+    g.wait_line("oom deflate_on_oom not negotiated", 120);
     let s = g.wait_actual(16384, 10);
     assert_eq!(s["negotiated_features"].as_u64().unwrap() & (1 << 2), 0);
     assert_eq!(counter(&s, "deflated_pages"), 0);
@@ -443,7 +443,7 @@ fn deflate_on_oom_is_negotiated_and_honoured() {
 fn bad_guest_input_is_refused_counted_and_survived() {
     require_kvm!();
     let mut g = Guest::start("balloon-bad", &format!("amount_mib=0,{STATS}"), "bad");
-    g.wait_line("balloon: bad input done; device works after reset", 40);
+    g.wait_line("balloon: bad input done; device works after reset", 120);
     let s = g.stats();
     let c = |n| counter(&s, n);
     assert_eq!(c("bad_pfns"), 2, "{s}");
@@ -507,7 +507,7 @@ fn bench_inflate_deflate_throughput() {
         });
         wait_for_path(&sock, Duration::from_secs(10));
         let mut g = Guest { child, sock, out };
-        g.wait_line("balloon: at target pages=0", 120);
+        g.wait_line("balloon: at target pages=0", 360);
         let (mut inf, mut def, mut rel) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..5 {
             let base = g.rss();
@@ -519,7 +519,7 @@ fn bench_inflate_deflate_throughput() {
             );
             let low = g.rss();
             g.set_target(0);
-            g.wait_line_n("at target pages=0", i + 2, 120);
+            g.wait_line_n("at target pages=0", i + 2, 360);
             let text = g.output();
             let us = |pat: &str| -> u64 {
                 let l = text.lines().filter(|l| l.contains(pat)).nth(i).unwrap();
