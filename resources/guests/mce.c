@@ -2,18 +2,35 @@
  *   mce=wait (default): waits up to wait_ms=N (default 10000) for machine checks
  *     (e.g. injected by the VMM with KVM_X86_SET_MCE); the kit's #MC handler
  *     prints "mce: cpu=.. bank=.. status=.. addr=.. misc=.." lines; exits 0 after
- *     count=N (default 1) were handled and resumed, 1 on timeout.
+ *     count=N (default 1) were handled and resumed, 1 on timeout. With `aps=1`
+ *     it first starts every AP of the MP table (they park in ring 0 and take
+ *     machine checks there too: the count is over all CPUs), e.g. to see an
+ *     Intel-style broadcast reach every vCPU.
  *   mce=selftest: enters the vector-18 handler from ring 0 with a software-built
  *     frame (int $18 is not emulated on this host); the guest's hook resumes it;
  *     exits 0. */
 #include "kit/kit.h"
 
 static volatile u32 selftest;
+/* First valid bank each CPU saw (ring-0 output of several CPUs interleaves,
+ * so `aps=1` prints these as whole lines from ring 3 at the end). */
+static struct {
+    volatile u32 seen;
+    u32 bank;
+    u64 status, addr, mcg_status;
+} first[KIT_MAX_CPUS];
 
 enum kit_mce_action kit_mce_hook(struct kit_trap_frame *f, const struct kit_mce_info *info)
 {
     (void)f;
-    (void)info;
+    u32 c = kit_this_cpu()->index;
+    if (c < KIT_MAX_CPUS && !first[c].seen && info->nr_valid) {
+        first[c].bank = info->banks[0].bank;
+        first[c].status = info->banks[0].status;
+        first[c].addr = info->banks[0].addr;
+        first[c].mcg_status = info->mcg_status;
+        first[c].seen = 1;
+    }
     return selftest ? KIT_MCE_RESUME : KIT_MCE_DEFAULT;
 }
 
@@ -77,6 +94,8 @@ int guest_main(void)
         kit_printf("mce: FAIL the CPU has no MCE/MCA (CPUID.1:EDX bits 7/14)\n");
         return KIT_EXIT_FAIL;
     }
+    if (kit_cmdline_flag("aps"))
+        kit_start_aps();
     kit_printf("mce: ready\n");
     u64 end = kit_rdtsc() + wait_ms * kit_tsc_khz();
     while (kit_mce_count < want) {
@@ -86,6 +105,10 @@ int guest_main(void)
         }
         kit_pause();
     }
+    for (u32 c = 0; c < KIT_MAX_CPUS; c++)
+        if (first[c].seen)
+            kit_printf("mce: summary cpu=%u bank=%u status=0x%lx addr=0x%lx mcg_status=0x%lx\n", c, first[c].bank,
+                       first[c].status, first[c].addr, first[c].mcg_status);
     kit_printf("mce: received count=%u\n", kit_mce_count);
     return 0;
 }

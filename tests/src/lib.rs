@@ -333,3 +333,107 @@ pub fn field(line: &str, key: &str) -> Option<u64> {
         None => v.parse().ok(),
     }
 }
+
+/// This host's class from `vmm host-info` (its ring-0 probe), measured once
+/// per test process: true when KVM emulates guest ring 0 (nested PVM: slow
+/// ring 0, emulation assists needed, no Linux user space), false on
+/// hardware-speed KVM. Panics if the probe cannot run (call after
+/// `require_kvm!`).
+pub fn ring0_emulated() -> bool {
+    host_info()["class"] == "emulated-ring0"
+}
+
+/// `vmm host-info` as JSON (cached per process).
+pub fn host_info() -> serde_json::Value {
+    static INFO: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    INFO.get_or_init(|| {
+        let out = vmm(&["host-info"]).output().expect("run vmm host-info");
+        assert!(
+            out.status.success(),
+            "vmm host-info failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("host-info JSON")
+    })
+    .clone()
+}
+
+/// The Linux guest (vmlinux, initramfs) of resources/linux: `VMM_LINUX_KERNEL`
+/// and `VMM_LINUX_INITRD` if set, else what `resources/linux/prepare.sh`
+/// prints (it builds them on first use, minutes; then a cache hit). When
+/// they cannot be had: under `CI=true` this panics (CI prepares them in
+/// `.ci/run`), otherwise it prints why `test` is skipped and returns None.
+pub fn linux_guest(test: &str) -> Option<(PathBuf, PathBuf)> {
+    let ci = std::env::var("CI").as_deref() == Ok("true");
+    let fail = |why: String| {
+        if ci {
+            panic!("{test}: {why} and CI=true: .ci/run prepares the Linux guest (resources/linux/prepare.sh)");
+        }
+        eprintln!("SKIP {test}: {why}");
+        None
+    };
+    if let Ok(k) = std::env::var("VMM_LINUX_KERNEL") {
+        let i = std::env::var("VMM_LINUX_INITRD").unwrap_or_default();
+        let (k, i) = (PathBuf::from(k), PathBuf::from(i));
+        if !k.is_file() || !i.is_file() {
+            return fail(format!(
+                "VMM_LINUX_KERNEL={} / VMM_LINUX_INITRD={} are not both files",
+                k.display(),
+                i.display()
+            ));
+        }
+        return Some((k, i));
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/linux/prepare.sh");
+    let out = match Command::new(&script).stderr(Stdio::inherit()).output() {
+        Ok(o) => o,
+        Err(e) => return fail(format!("cannot run {}: {e}", script.display())),
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let get = |k: &str| {
+        text.lines()
+            .rev()
+            .find_map(|l| l.strip_prefix(k))
+            .map(PathBuf::from)
+    };
+    match (out.status.success(), get("KERNEL="), get("INITRD=")) {
+        (true, Some(k), Some(i)) if k.is_file() && i.is_file() => Some((k, i)),
+        _ => fail(format!(
+            "{} could not prepare the Linux guest (status {}; set VMM_LINUX_KERNEL and VMM_LINUX_INITRD to use prebuilt files)",
+            script.display(),
+            out.status
+        )),
+    }
+}
+
+impl Vmm {
+    /// The next serial line within `timeout`, or None (no panic).
+    pub fn next_line(&mut self, timeout: Duration) -> Option<String> {
+        let l = self.lines.recv_timeout(timeout).ok()?;
+        self.seen.push(l.clone());
+        Some(l)
+    }
+
+    /// Every serial line read so far.
+    pub fn seen(&self) -> &[String] {
+        &self.seen
+    }
+
+    /// The `vmm` process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+}
+
+/// Resident set size of process `pid` in bytes (VmRSS), if readable.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}

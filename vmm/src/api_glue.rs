@@ -9,8 +9,8 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use crate::api::{ApiError, ApiServer, ServerError, VmController, VmInfo, VmState, VmStateRequest};
 use crate::memory::poison::{PoisonError, PoisonRequest};
 use crate::runner::{RunError, VmHandle};
-use crate::vstate::mce::McAction;
 use crate::vstate::control::Target;
+use crate::vstate::mce::McAction;
 
 /// The controller the API server calls (on the event-loop thread).
 pub struct VmApi(pub VmHandle);
@@ -26,6 +26,7 @@ impl VmController for VmApi {
             state,
             vcpus: self.0.vcpus,
             mem_mib: self.0.mem_mib,
+            emulation_assists: Some(self.0.assists.counts()),
         }
     }
 
@@ -55,19 +56,25 @@ impl VmController for VmApi {
 
     fn poison_memory(&mut self, req: PoisonRequest) -> Result<serde_json::Value, ApiError> {
         let report = self.0.ram.poison(req).map_err(|e| match e {
-            PoisonError::Failure(_) | PoisonError::Populate { .. } => ApiError::Conflict(e.to_string()),
+            PoisonError::Failure(_) | PoisonError::Populate { .. } => {
+                ApiError::Conflict(e.to_string())
+            }
             _ => ApiError::BadRequest(e.to_string()),
         })?;
         if let (true, Some(gpa)) = (report.inject_now, report.gpa) {
-            // A scrubber found it: report it at once, on vCPU 0.
-            self.0.mce.queue(0, McAction::Optional, gpa);
-            self.0.threads.kick(0);
+            // A scrubber found it: report it at once, on vCPU 0 (and, for
+            // Intel-style MCA, the broadcast on the others).
+            let kicked = self.0.mce.queue_for(0, McAction::Optional, gpa);
+            self.0
+                .mce
+                .kick_until_taken(&kicked, std::time::Duration::from_millis(100));
         }
         serde_json::to_value(&report).map_err(|e| ApiError::Internal(e.to_string()))
     }
 
     fn balloon_config(&self) -> Result<serde_json::Value, ApiError> {
-        serde_json::to_value(self.balloon()?.config()).map_err(|e| ApiError::Internal(e.to_string()))
+        serde_json::to_value(self.balloon()?.config())
+            .map_err(|e| ApiError::Internal(e.to_string()))
     }
 
     fn put_balloon(&mut self, cfg: crate::api::BalloonConfig) -> Result<(), ApiError> {
@@ -84,11 +91,14 @@ impl VmController for VmApi {
     }
 
     fn patch_balloon_stats(&mut self, secs: u16) -> Result<(), ApiError> {
-        self.balloon()?.set_stats_interval(secs).map_err(balloon_err)
+        self.balloon()?
+            .set_stats_interval(secs)
+            .map_err(balloon_err)
     }
 
     fn check_memory(&self) -> serde_json::Value {
-        serde_json::to_value(self.0.ram.check()).unwrap_or_else(|e| serde_json::json!({ "ok": false, "problems": [e.to_string()] }))
+        serde_json::to_value(self.0.ram.check())
+            .unwrap_or_else(|e| serde_json::json!({ "ok": false, "problems": [e.to_string()] }))
     }
 }
 

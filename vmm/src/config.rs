@@ -47,6 +47,8 @@ pub struct VmConfig {
     pub on_reset: OnReset,
     /// Virtio balloon (`--balloon`), if any.
     pub balloon: Option<crate::devices::virtio::balloon::BalloonConfig>,
+    /// When to complete instructions an emulated ring 0 refuses (`--emulation-assists`).
+    pub emulation_assists: crate::vstate::assist::AssistMode,
 }
 
 /// Configuration errors (exit status 64).

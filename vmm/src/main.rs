@@ -24,6 +24,8 @@ enum Command {
     Run(RunArgs),
     /// Talk to a running vmm through its API socket.
     Ctl(vmm::api::CtlArgs),
+    /// Probe this host's KVM (ring-0 speed, capabilities) and print JSON.
+    HostInfo,
     /// List or extract the embedded test guests.
     Guests {
         /// Write every guest as DIR/<name>.elf instead of listing them.
@@ -65,6 +67,11 @@ struct RunArgs {
     /// What a guest reset does: exit (status 0), or restart the guest with fresh RAM.
     #[arg(long, value_enum, default_value_t = vmm::config::OnReset::Exit)]
     on_reset: vmm::config::OnReset,
+    /// Complete the instructions an emulated guest ring 0 refuses (int3,
+    /// fwait) and give Linux guests a CPUID baseline: auto = only on hosts
+    /// whose KVM emulates ring 0 (probed, see `vmm host-info`).
+    #[arg(long, value_enum, default_value_t = vmm::vstate::assist::AssistMode::Auto)]
+    emulation_assists: vmm::vstate::assist::AssistMode,
 }
 
 fn main() -> ExitCode {
@@ -73,6 +80,7 @@ fn main() -> ExitCode {
     let status = match cli.cmd {
         Command::Run(a) => run(a),
         Command::Guests { extract } => guests(extract),
+        Command::HostInfo => host_info(),
         Command::Ctl(a) => match vmm::api::cli::run(&a.api_sock, &a.cmd) {
             Ok(s) => s,
             Err(e) => {
@@ -104,6 +112,7 @@ fn run(a: RunArgs) -> i32 {
         mem_backing: a.mem_backing,
         on_reset: a.on_reset,
         balloon: a.balloon,
+        emulation_assists: a.emulation_assists,
     };
     match vmm::runner::run(&cfg) {
         Ok(reason) => {
@@ -117,6 +126,19 @@ fn run(a: RunArgs) -> i32 {
         Err(e) => {
             eprintln!("vmm: error: {e}");
             e.status()
+        }
+    }
+}
+
+fn host_info() -> i32 {
+    match vmm::vstate::probe::host_info() {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            0
+        }
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            vmm::exit::EXIT_UNAVAILABLE
         }
     }
 }

@@ -140,6 +140,8 @@ pub struct VmHandle {
     pub mce: Arc<MceState>,
     /// The virtio balloon, when configured.
     pub balloon: Option<crate::devices::virtio::balloon::BalloonHandle>,
+    /// Emulation assists and their counters.
+    pub assists: Arc<crate::vstate::assist::Assists>,
 }
 
 struct ExitWatcher(Arc<ExitSignal>);
@@ -210,8 +212,23 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, RunError> {
     .map_err(bus_err)?;
     let mut mmio = Bus::new();
     let balloon = crate::devices::virtio::balloon::worker::attach_to(&vm, &ram, cfg, &mut mmio)
-        .map_err(|e| RunError::Host { what: "virtio balloon", err: std::io::Error::other(e) })?;
+        .map_err(|e| RunError::Host {
+            what: "virtio balloon",
+            err: std::io::Error::other(e),
+        })?;
     let cmdline = crate::devices::virtio::balloon::worker::boot_cmdline(cfg);
+    let assists = Arc::new(crate::vstate::assist::Assists::new(
+        cfg.emulation_assists.resolve(),
+    ));
+    let cmdline = if assists.enabled() && matches!(cfg.kernel, KernelSource::File(_)) {
+        boot::cpuid::with_emulated_ring0_words(&cmdline)
+    } else {
+        cmdline
+    };
+    log::info!(
+        "emulation assists {}",
+        if assists.enabled() { "on" } else { "off" }
+    );
 
     // Guest image.
     let embedded;
@@ -260,6 +277,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, RunError> {
         control: control.clone(),
         ram: ram.clone(),
         mce: mce.clone(),
+        assists: assists.clone(),
     };
     let mut vcpus = Vec::new();
     for i in 0..cfg.vcpus {
@@ -295,6 +313,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, RunError> {
         ram: ram.clone(),
         mce,
         balloon,
+        assists: assists.clone(),
     };
     if let Some(path) = &cfg.api_sock {
         crate::api_glue::serve(&mut em, path, handle)?;
@@ -309,7 +328,9 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, RunError> {
             }
         }
         let vcpus = threads.stop(&control);
-        let (Some(ExitReason::Reset), OnReset::Restart, Some(mut vcpus)) = (exit.reason(), cfg.on_reset, vcpus) else {
+        let (Some(ExitReason::Reset), OnReset::Restart, Some(mut vcpus)) =
+            (exit.reason(), cfg.on_reset, vcpus)
+        else {
             break;
         };
         // Guest reset (QEMU's behaviour with --on-reset restart): fresh RAM
@@ -327,6 +348,9 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, RunError> {
         threads.spawn(vcpus)?;
     }
     ram.stop_pager();
+    if assists.enabled() {
+        log::info!("emulation assists used: {:?}", assists.counts());
+    }
     let _ = std::io::stdout().flush();
     drop(vm);
     Ok(exit.reason().expect("loop ends only with a reason"))

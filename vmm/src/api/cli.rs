@@ -105,7 +105,9 @@ impl BalloonCommand {
     pub fn lower(&self) -> CtlCommand {
         let path = |p: &str| p.to_string();
         match self {
-            BalloonCommand::Show => CtlCommand::Get { path: path("/balloon") },
+            BalloonCommand::Show => CtlCommand::Get {
+                path: path("/balloon"),
+            },
             BalloonCommand::Set { amount_mib } => CtlCommand::Patch {
                 path: path("/balloon"),
                 body: format!("{{\"amount_mib\":{amount_mib}}}"),

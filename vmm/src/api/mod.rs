@@ -60,6 +60,9 @@ pub struct VmInfo {
     pub vcpus: u32,
     /// Guest RAM size in MiB.
     pub mem_mib: u64,
+    /// Whether emulation assists are on and how often each was used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emulation_assists: Option<crate::vstate::assist::AssistCounts>,
 }
 
 /// Requested state change, the `state` field of `PATCH /vm`.
@@ -112,9 +115,14 @@ pub trait VmController {
     /// Memory information (`GET /memory`), returned verbatim as the response body.
     fn memory_info(&self) -> serde_json::Value;
     /// Hard or soft poison of a guest page (`POST /memory/poison`).
-    fn poison_memory(&mut self, req: crate::memory::poison::PoisonRequest) -> Result<serde_json::Value, ApiError> {
+    fn poison_memory(
+        &mut self,
+        req: crate::memory::poison::PoisonRequest,
+    ) -> Result<serde_json::Value, ApiError> {
         let _ = req;
-        Err(ApiError::BadRequest("this VM does not support memory poisoning".into()))
+        Err(ApiError::BadRequest(
+            "this VM does not support memory poisoning".into(),
+        ))
     }
     /// Run the memory invariant checker (`GET /memory/check`).
     fn check_memory(&self) -> serde_json::Value {
@@ -164,7 +172,10 @@ impl<T: VmController + ?Sized> VmController for Box<T> {
     fn memory_info(&self) -> serde_json::Value {
         (**self).memory_info()
     }
-    fn poison_memory(&mut self, req: crate::memory::poison::PoisonRequest) -> Result<serde_json::Value, ApiError> {
+    fn poison_memory(
+        &mut self,
+        req: crate::memory::poison::PoisonRequest,
+    ) -> Result<serde_json::Value, ApiError> {
         (**self).poison_memory(req)
     }
     fn check_memory(&self) -> serde_json::Value {
@@ -219,6 +230,7 @@ pub(crate) mod test_support {
                 state: self.state,
                 vcpus: self.vcpus,
                 mem_mib: self.mem_mib,
+                emulation_assists: None,
             }
         }
         fn set_vm_state(&mut self, req: VmStateRequest) -> Result<(), ApiError> {

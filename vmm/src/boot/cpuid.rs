@@ -72,6 +72,157 @@ pub fn fix_for_vcpu(cpuid: &mut CpuId, index: u32, count: u32) {
     }
 }
 
+const LEAF_EXT_MAX: u32 = 0x8000_0000;
+const LEAF_EXT_FEATURES: u32 = 0x8000_0001;
+const LEAF_RAS: u32 = 0x8000_0007;
+const LEAF_STRUCTURED: u32 = 0x7;
+/// CPUID 0x80000007 EBX: McaOverflowRecov (bit 0) and SUCCOR (bit 1).
+const EBX_MCA_OVERFLOW_RECOV_SUCCOR: u32 = 0b11;
+
+/// For AMD-vendor guests, advertise MCA overflow recovery and SUCCOR
+/// (CPUID 0x80000007 EBX bits 0-1): without SUCCOR Linux's AMD severity
+/// grading panics on every uncorrected error ("Uncorrected error without
+/// MCA Recovery"), including the recoverable ones the VMM injects for
+/// poisoned guest memory. KVM reports EBX 0 here. No-op for other vendors.
+pub fn set_mca_recovery(cpuid: &mut CpuId) {
+    let Some(v) = cpuid.as_slice().iter().find(|e| e.function == 0) else {
+        return;
+    };
+    if crate::vstate::mce::vendor_of(v.ebx, v.edx, v.ecx) != crate::vstate::mce::McaVendor::Amd {
+        return;
+    }
+    let ext_max = cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == LEAF_EXT_MAX)
+        .map_or(0, |e| e.eax);
+    if let Some(e) = cpuid
+        .as_mut_slice()
+        .iter_mut()
+        .find(|e| e.function == LEAF_RAS)
+    {
+        e.ebx |= EBX_MCA_OVERFLOW_RECOV_SUCCOR;
+    } else if ext_max >= LEAF_RAS {
+        let _ = cpuid.push(kvm_bindings::kvm_cpuid_entry2 {
+            function: LEAF_RAS,
+            ebx: EBX_MCA_OVERFLOW_RECOV_SUCCOR,
+            ..Default::default()
+        });
+    }
+}
+
+/// Features hidden from guests on hosts that emulate guest ring 0 (with
+/// emulation assists on): instructions the host's ring-0 emulator cannot
+/// execute (`cmpxchg16b`, `xsave`/`xrstor`, ...) or that a guest kernel
+/// would patch in (alternatives) and then run in ring 0. The list is
+/// shared/HOST.md's (what Linux's `clearcpuid=` needs on that host) plus
+/// what depends on XSAVE/AVX. (leaf, subleaf, register, bit, name).
+pub const HIDDEN_ON_EMULATED_RING0: &[(u32, u32, Reg, u32, &str)] = &[
+    (1, 0, Reg::Ecx, 1, "pclmulqdq"),
+    (1, 0, Reg::Ecx, 9, "ssse3"),
+    (1, 0, Reg::Ecx, 12, "fma"),
+    (1, 0, Reg::Ecx, 13, "cx16"),
+    (1, 0, Reg::Ecx, 19, "sse4_1"),
+    (1, 0, Reg::Ecx, 20, "sse4_2"),
+    (1, 0, Reg::Ecx, 22, "movbe"),
+    (1, 0, Reg::Ecx, 23, "popcnt"),
+    (1, 0, Reg::Ecx, 25, "aes"),
+    (1, 0, Reg::Ecx, 26, "xsave"),
+    (1, 0, Reg::Ecx, 27, "osxsave"),
+    (1, 0, Reg::Ecx, 28, "avx"),
+    (1, 0, Reg::Ecx, 29, "f16c"),
+    (1, 0, Reg::Ecx, 30, "rdrand"),
+    (7, 0, Reg::Ebx, 0, "fsgsbase"),
+    (7, 0, Reg::Ebx, 3, "bmi1"),
+    (7, 0, Reg::Ebx, 5, "avx2"),
+    (7, 0, Reg::Ebx, 8, "bmi2"),
+    (7, 0, Reg::Ebx, 9, "erms"),
+    (7, 0, Reg::Ebx, 10, "invpcid"),
+    (7, 0, Reg::Ebx, 16, "avx512f"),
+    (7, 0, Reg::Ebx, 18, "rdseed"),
+    (7, 0, Reg::Ebx, 20, "smap"),
+    (7, 0, Reg::Ebx, 23, "clflushopt"),
+    (7, 0, Reg::Ebx, 24, "clwb"),
+    (7, 0, Reg::Ecx, 2, "umip"),
+    (7, 0, Reg::Ecx, 3, "pku"),
+    (7, 0, Reg::Ecx, 4, "ospke"),
+    (7, 0, Reg::Ecx, 9, "vaes"),
+    (7, 0, Reg::Ecx, 10, "vpclmulqdq"),
+    (7, 0, Reg::Ecx, 22, "rdpid"),
+    (7, 0, Reg::Edx, 4, "fsrm"),
+    (LEAF_EXT_FEATURES, 0, Reg::Ecx, 5, "abm"),
+    // KVM paravirtual features that work through `vmcall` (KVM_HC_*): the
+    // ring-0 emulator re-executes a `vmcall` forever (seen with Linux's PV
+    // IPIs, KVM_HC_SEND_IPI, on the first IPI to a second vCPU).
+    (LEAF_KVM_FEATURES, 0, Reg::Eax, 7, "kvm-pv-unhalt"),
+    (LEAF_KVM_FEATURES, 0, Reg::Eax, 11, "kvm-pv-send-ipi"),
+    (LEAF_KVM_FEATURES, 0, Reg::Eax, 13, "kvm-pv-sched-yield"),
+];
+
+const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
+
+/// A CPUID output register.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reg {
+    /// EAX.
+    Eax,
+    /// EBX.
+    Ebx,
+    /// ECX.
+    Ecx,
+    /// EDX.
+    Edx,
+}
+
+/// Clear [`HIDDEN_ON_EMULATED_RING0`] (only called with emulation assists on).
+pub fn hide_for_emulated_ring0(cpuid: &mut CpuId) {
+    for e in cpuid.as_mut_slice() {
+        for &(leaf, sub, reg, bit, _) in HIDDEN_ON_EMULATED_RING0 {
+            let indexed = leaf == LEAF_STRUCTURED;
+            if e.function != leaf || (indexed && e.index != sub) {
+                continue;
+            }
+            let r = match reg {
+                Reg::Eax => &mut e.eax,
+                Reg::Ebx => &mut e.ebx,
+                Reg::Ecx => &mut e.ecx,
+                Reg::Edx => &mut e.edx,
+            };
+            *r &= !(1 << bit);
+        }
+    }
+}
+
+/// Linux command-line words for hosts that emulate ring 0 (from
+/// resources/linux/README.md): `noxsave` and a `clearcpuid=` list of 124
+/// characters (Linux 6.1 keeps only 127 and honours only the last
+/// `clearcpuid=`). Linux's own feature detection also reads CPUID bits the
+/// VMM cannot hide on every host, and its alternatives are patched from
+/// the boot CPU's view, so the command line is the reliable switch.
+pub const EMULATED_RING0_CMDLINE: &str = "noxsave clearcpuid=popcnt,cx16,bmi1,bmi2,movbe,sse4_1,sse4_2,ssse3,rdrand,rdseed,fsgsbase,smap,abm,erms,fsrm,clflushopt,clwb,rdpid,invpcid,umip";
+
+/// `cmdline` with [`EMULATED_RING0_CMDLINE`] appended, unless the user
+/// already gave a `clearcpuid=` (only the last one counts in Linux).
+pub fn with_emulated_ring0_words(cmdline: &str) -> String {
+    if cmdline
+        .split_whitespace()
+        .any(|w| w.starts_with("clearcpuid="))
+    {
+        log::warn!("--cmdline has its own clearcpuid=: not adding the emulation-assist list");
+        return cmdline.to_string();
+    }
+    let mut s = cmdline.to_string();
+    for w in EMULATED_RING0_CMDLINE.split_whitespace() {
+        if !cmdline.split_whitespace().any(|x| x == w) {
+            if !s.is_empty() {
+                s.push(' ');
+            }
+            s.push_str(w);
+        }
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,5 +258,76 @@ mod tests {
         assert_eq!(id_bits(1), 0);
         assert_eq!(id_bits(2), 1);
         assert_eq!(id_bits(5), 3);
+    }
+
+    #[test]
+    fn emulated_ring0_baseline() {
+        let amd = |f| kvm_cpuid_entry2 {
+            function: f,
+            ebx: 0x6874_7541,
+            edx: 0x6974_6e65,
+            ecx: 0x444d_4163,
+            eax: 0x8000_0008,
+            ..Default::default()
+        };
+        let entries = [
+            amd(0),
+            amd(LEAF_EXT_MAX),
+            kvm_cpuid_entry2 {
+                function: 1,
+                ecx: !0,
+                edx: !0,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 7,
+                index: 0,
+                ebx: !0,
+                ecx: !0,
+                edx: !0,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 7,
+                index: 1,
+                ebx: !0,
+                ..Default::default()
+            },
+        ];
+        let mut c = CpuId::from_entries(&entries).unwrap();
+        hide_for_emulated_ring0(&mut c);
+        set_mca_recovery(&mut c);
+        let s = c.as_slice();
+        assert_eq!(
+            s[2].ecx & (1 << 13 | 1 << 23 | 1 << 26),
+            0,
+            "cx16, popcnt, xsave"
+        );
+        assert_ne!(s[2].ecx & 1, 0, "sse3 stays");
+        assert_eq!(s[2].edx, !0);
+        assert_eq!(s[3].ebx & (1 << 0 | 1 << 20), 0, "fsgsbase, smap");
+        assert_eq!(s[3].edx & (1 << 4), 0, "fsrm");
+        assert_eq!(s[4].ebx, !0, "leaf 7 subleaf 1 untouched");
+        let ras = s.iter().find(|e| e.function == LEAF_RAS).unwrap();
+        assert_eq!(ras.ebx & 3, 3, "SUCCOR + overflow recovery added");
+        assert_eq!(
+            EMULATED_RING0_CMDLINE
+                .split_once("clearcpuid=")
+                .unwrap()
+                .1
+                .len(),
+            124
+        );
+        assert_eq!(
+            with_emulated_ring0_words("console=ttyS0 noxsave"),
+            format!(
+                "console=ttyS0 noxsave {}",
+                EMULATED_RING0_CMDLINE.trim_start_matches("noxsave ")
+            )
+        );
+        assert_eq!(
+            with_emulated_ring0_words("a clearcpuid=pku"),
+            "a clearcpuid=pku"
+        );
     }
 }

@@ -9,12 +9,16 @@
 //!   for action-optional. MCG_STATUS = MCIP|EIPV|RIPV (AR) or MCIP|RIPV (AO).
 //! - AMD-style (AuthenticAMD guests; this project's host passes its AMD EPYC
 //!   vendor through): MCi_STATUS = VAL|EN|MISCV|ADDRV plus UC|POISON for
-//!   action-required or DEFERRED|POISON for action-optional; MCG_STATUS as
-//!   above. Linux's AMD severity logic rates a deferred error as
+//!   action-required or DEFERRED|POISON|S for action-optional (S so that
+//!   Linux's #MC handler, which with MCG_SER_P skips banks without S, logs
+//!   it at once); MCG_STATUS as above. Linux's AMD severity logic rates a deferred error as
 //!   "deferred" (handled by memory_failure() from the deferred-error path)
 //!   and a UC error in user context as action-required when the CPU
 //!   advertises SUCCOR, which `boot::cpuid` makes sure the guest sees.
+//!
 //! In both: MCi_ADDR = the GPA, MCi_MISC = physical address mode, LSB 12.
+//! Intel machine checks are broadcast: with more than one vCPU the others
+//! get [`encode_broadcast`] (see `vcpu::MceState::queue_for`).
 
 use std::cell::Cell;
 use std::os::fd::AsRawFd;
@@ -115,7 +119,12 @@ pub fn encode(vendor: McaVendor, action: McAction, gpa: u64) -> kvm_x86_mce {
             common | MCI_STATUS_UC | MCI_STATUS_S | MCACOD_SCRUB
         }
         (McaVendor::Amd, McAction::Required) => common | MCI_STATUS_UC | MCI_STATUS_POISON,
-        (McaVendor::Amd, McAction::Optional) => common | MCI_STATUS_DEFERRED | MCI_STATUS_POISON,
+        // S (bit 56, ErrCoreIdVal on AMD, which Linux ignores there): with
+        // MCG_SER_P Linux's #MC handler only looks at banks with S set; a
+        // deferred error without it would wait for the 5-minute bank poll.
+        (McaVendor::Amd, McAction::Optional) => {
+            common | MCI_STATUS_DEFERRED | MCI_STATUS_POISON | MCI_STATUS_S
+        }
     };
     let mcg_status = match action {
         McAction::Required => MCG_STATUS_MCIP | MCG_STATUS_EIPV | MCG_STATUS_RIPV,
@@ -127,6 +136,18 @@ pub fn encode(vendor: McaVendor, action: McAction, gpa: u64) -> kvm_x86_mce {
         misc: (MCM_ADDR_PHYS << 6) | u64::from(guestmem::PAGE_SHIFT),
         mcg_status,
         bank: MCE_BANK,
+        ..Default::default()
+    }
+}
+
+/// What the other vCPUs get when an Intel-style machine check is broadcast
+/// (as QEMU does): bank 1 VAL|UC, MCG_STATUS MCIP|RIPV, no address. Linux
+/// on Intel waits in its #MC handler until every CPU has entered it.
+pub fn encode_broadcast() -> kvm_x86_mce {
+    kvm_x86_mce {
+        status: MCI_STATUS_VAL | MCI_STATUS_UC,
+        mcg_status: MCG_STATUS_MCIP | MCG_STATUS_RIPV,
+        bank: 1,
         ..Default::default()
     }
 }
@@ -226,6 +247,12 @@ mod tests {
         let m = encode(McaVendor::Amd, McAction::Optional, 0x1000);
         assert_eq!(m.status & MCI_STATUS_UC, 0);
         assert_ne!(m.status & MCI_STATUS_DEFERRED, 0);
+        assert_ne!(m.status & MCI_STATUS_S, 0);
+        let b = encode_broadcast();
+        assert_eq!(
+            (b.bank, b.status, b.mcg_status),
+            (1, MCI_STATUS_VAL | MCI_STATUS_UC, 5)
+        );
         assert_eq!(
             vendor_of(0x6874_7541, 0x6974_6e65, 0x444d_4163),
             McaVendor::Amd

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 
+use super::assist::{self, Assists};
 use super::control::VcpuControl;
 use super::mce;
 use crate::boot::{cpuid, regs, BootEntry};
@@ -57,15 +58,30 @@ pub struct VcpuShared {
     pub ram: Arc<crate::memory::GuestRam>,
     /// Machine-check state shared by all vCPUs.
     pub mce: Arc<MceState>,
+    /// Emulation assists (hosts that emulate guest ring 0).
+    pub assists: Arc<Assists>,
+}
+
+/// A queued machine check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PendingMce {
+    /// The memory error itself.
+    Error(mce::McAction, u64),
+    /// The placeholder other vCPUs get when an Intel-style check is broadcast.
+    Broadcast,
 }
 
 /// Machine-check configuration and per-vCPU queues of pending checks.
+///
+/// Lock order: `threads` before a `pending` queue (kicks look at both).
 pub struct MceState {
     /// MCG_CAP given to every vCPU (None: KVM has no MCE support).
     pub mcg_cap: Option<u64>,
     /// Encoding the guest expects.
     pub vendor: mce::McaVendor,
-    pending: Vec<std::sync::Mutex<Vec<(mce::McAction, u64)>>>,
+    pending: Vec<std::sync::Mutex<Vec<PendingMce>>>,
+    /// pthread of each vCPU thread while it is in its run loop (None outside).
+    threads: std::sync::Mutex<Vec<Option<libc::pthread_t>>>,
 }
 
 impl MceState {
@@ -75,23 +91,100 @@ impl MceState {
             mcg_cap,
             vendor,
             pending: (0..vcpus).map(|_| Default::default()).collect(),
+            threads: std::sync::Mutex::new(vec![None; vcpus as usize]),
         }
     }
 
-    /// Queue a machine check for vCPU `index` (the caller kicks it).
-    pub fn queue(&self, index: u32, action: mce::McAction, gpa: u64) -> bool {
+    fn push(&self, index: u32, m: PendingMce) -> bool {
         match self.pending.get(index as usize) {
             Some(q) => {
-                q.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push((action, gpa));
+                q.lock().unwrap_or_else(|e| e.into_inner()).push(m);
                 true
             }
             None => false,
         }
     }
 
-    fn take(&self, index: u32) -> Vec<(mce::McAction, u64)> {
+    /// Queue a machine check for vCPU `index` only (the caller kicks it).
+    pub fn queue(&self, index: u32, action: mce::McAction, gpa: u64) -> bool {
+        self.push(index, PendingMce::Error(action, gpa))
+    }
+
+    /// Whether a machine check must reach every vCPU: Intel-style MCA
+    /// (Linux waits for all CPUs in its #MC handler unless the check is
+    /// local, LMCE, which this VMM does not offer) with more than one vCPU.
+    /// AMD machine checks are local.
+    pub fn broadcasts(&self) -> bool {
+        self.vendor == mce::McaVendor::Intel && self.pending.len() > 1
+    }
+
+    /// Queue the broadcast placeholder on every vCPU but `except` (when
+    /// [`MceState::broadcasts`]); returns the vCPUs queued.
+    fn queue_broadcast(&self, except: u32) -> Vec<u32> {
+        if !self.broadcasts() {
+            return Vec::new();
+        }
+        (0..self.pending.len() as u32)
+            .filter(|&i| i != except && self.push(i, PendingMce::Broadcast))
+            .collect()
+    }
+
+    /// Queue a machine check as the hardware would raise it: the error on
+    /// `target`, and for Intel-style MCA with several vCPUs the broadcast
+    /// placeholder on all others (QEMU does the same). Returns every vCPU
+    /// that got something; kick them with [`MceState::kick_until_taken`].
+    pub fn queue_for(&self, target: u32, action: mce::McAction, gpa: u64) -> Vec<u32> {
+        if !self.queue(target, action, gpa) {
+            return Vec::new();
+        }
+        let mut v = vec![target];
+        v.extend(self.queue_broadcast(target));
+        v
+    }
+
+    fn is_pending(&self, index: u32) -> bool {
+        self.pending
+            .get(index as usize)
+            .is_some_and(|q| !q.lock().unwrap_or_else(|e| e.into_inner()).is_empty())
+    }
+
+    /// Kick `vcpus` out of KVM_RUN until each has taken its queue (kicks
+    /// repeat: one landing just before KVM_RUN is lost), for at most
+    /// `timeout` (a paused vCPU takes its queue when it resumes).
+    pub fn kick_until_taken(&self, vcpus: &[u32], timeout: std::time::Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let mut waiting = false;
+            {
+                let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+                for &i in vcpus {
+                    if let (Some(Some(t)), true) = (threads.get(i as usize), self.is_pending(i)) {
+                        waiting = true;
+                        // SAFETY: the thread is inside its run loop: it
+                        // unregisters (under this lock) before it ends.
+                        unsafe { libc::pthread_kill(*t, super::control::kick_signal()) };
+                    }
+                }
+            }
+            if !waiting || std::time::Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    fn set_thread(&self, index: u32, t: Option<libc::pthread_t>) {
+        if let Some(slot) = self
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(index as usize)
+        {
+            *slot = t;
+        }
+    }
+
+    fn take(&self, index: u32) -> Vec<PendingMce> {
         self.pending
             .get(index as usize)
             .map(|q| std::mem::take(&mut *q.lock().unwrap_or_else(|e| e.into_inner())))
@@ -124,6 +217,10 @@ impl Vcpu {
             .map_err(io_err("create vCPU"))?;
         let mut c = supported.clone();
         cpuid::fix_for_vcpu(&mut c, index, count);
+        cpuid::set_mca_recovery(&mut c);
+        if shared.assists.enabled() {
+            cpuid::hide_for_emulated_ring0(&mut c);
+        }
         fd.set_cpuid2(&c).map_err(io_err("set CPUID"))?;
         let re = |err| VcpuError::Regs { index, err };
         regs::setup_msrs(&fd).map_err(re)?;
@@ -164,6 +261,9 @@ impl Vcpu {
     pub fn run(mut self) -> Self {
         mce::mark_vcpu_thread();
         self.shared.ram.register_vcpu_thread(self.index);
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.shared.mce.set_thread(self.index, Some(me));
         while self.shared.control.wait_runnable() {
             if let Some(reason) = self.run_once().or_else(|| self.deliver_machine_checks()) {
                 self.shared.exit.request(reason);
@@ -175,33 +275,48 @@ impl Vcpu {
                 break;
             }
         }
+        self.shared.mce.set_thread(self.index, None);
         self
     }
 
     /// Put the vCPU back in its power-on state for a reset: the boot vCPU at
     /// `entry`, the others waiting for INIT/SIPI. Clears pending events and
     /// machine-check banks.
-    pub fn reset<M: vm_memory::GuestMemoryBackend>(&mut self, mem: &M, entry: Option<BootEntry>) -> Result<(), VcpuError> {
+    pub fn reset<M: vm_memory::GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        entry: Option<BootEntry>,
+    ) -> Result<(), VcpuError> {
         let index = self.index;
         let io_err = |what| move |err| VcpuError::Ioctl { index, what, err };
         let re = |err| VcpuError::Regs { index, err };
-        self.fd.set_vcpu_events(&Default::default()).map_err(io_err("clear vCPU events"))?;
+        self.fd
+            .set_vcpu_events(&Default::default())
+            .map_err(io_err("clear vCPU events"))?;
         regs::setup_msrs(&self.fd).map_err(re)?;
         regs::setup_fpu(&self.fd).map_err(re)?;
         regs::setup_lint(&self.fd).map_err(re)?;
         if let Some(cap) = self.shared.mce.mcg_cap {
             const MSR_MCG_STATUS: u32 = 0x17a;
             const MSR_MC0_STATUS: u32 = 0x401;
-            let mut list = vec![kvm_bindings::kvm_msr_entry { index: MSR_MCG_STATUS, ..Default::default() }];
+            let mut list = vec![kvm_bindings::kvm_msr_entry {
+                index: MSR_MCG_STATUS,
+                ..Default::default()
+            }];
             for bank in 0..(cap & 0xff) as u32 {
-                list.push(kvm_bindings::kvm_msr_entry { index: MSR_MC0_STATUS + 4 * bank, ..Default::default() });
+                list.push(kvm_bindings::kvm_msr_entry {
+                    index: MSR_MC0_STATUS + 4 * bank,
+                    ..Default::default()
+                });
             }
             let msrs = kvm_bindings::Msrs::from_entries(&list).map_err(|_| VcpuError::Ioctl {
                 index,
                 what: "build MCE MSR list",
                 err: kvm_ioctls::Error::new(libc::EINVAL),
             })?;
-            self.fd.set_msrs(&msrs).map_err(io_err("clear machine-check banks"))?;
+            self.fd
+                .set_msrs(&msrs)
+                .map_err(io_err("clear machine-check banks"))?;
         }
         let state = match entry {
             Some(e) => {
@@ -255,7 +370,7 @@ impl Vcpu {
                     kvm_bindings::KVM_SYSTEM_EVENT_RESET => Some(ExitReason::Reset),
                     other => Some(ExitReason::Crash(format!("vCPU {index}: system event {other} (guest crash)"))),
                 },
-                VcpuExit::InternalError => Some(ExitReason::Crash(self.describe_internal_error())),
+                VcpuExit::InternalError => self.handle_internal_error(),
                 VcpuExit::FailEntry(reason, cpu) => Some(ExitReason::Crash(format!(
                     "vCPU {index}: VM entry failed (hardware reason {reason:#x} on host CPU {cpu}); {}",
                     self.describe_state()
@@ -280,14 +395,46 @@ impl Vcpu {
         let mut todo = self.shared.mce.take(self.index);
         if let Some(hva) = mce::take_poison() {
             match self.shared.ram.gpa_of_host(hva) {
-                Some(gpa) => todo.push((mce::McAction::Required, gpa & !(guestmem::PAGE_SIZE - 1))),
-                None => return Some(ExitReason::Internal(format!(
+                Some(gpa) => {
+                    todo.push(PendingMce::Error(
+                        mce::McAction::Required,
+                        gpa & !(guestmem::PAGE_SIZE - 1),
+                    ));
+                    let others = self.shared.mce.queue_broadcast(self.index);
+                    self.shared
+                        .mce
+                        .kick_until_taken(&others, std::time::Duration::from_millis(100));
+                }
+                None => {
+                    return Some(ExitReason::Internal(format!(
                     "vCPU {}: hardware-poison SIGBUS at host address {hva:#x} outside guest RAM",
                     self.index
-                ))),
+                )))
+                }
             }
         }
-        for (action, gpa) in todo {
+        for p in todo {
+            let (action, gpa) = match p {
+                PendingMce::Error(action, gpa) => (action, gpa),
+                PendingMce::Broadcast => {
+                    // A vCPU without CR4.MCE (not started yet, or MCE not
+                    // enabled) cannot take it (KVM would shut the VM down)
+                    // and does not take part in the guest's rendezvous.
+                    const CR4_MCE: u64 = 1 << 6;
+                    if self.fd.get_sregs().is_ok_and(|s| s.cr4 & CR4_MCE == 0) {
+                        log::debug!(
+                            "vCPU {}: broadcast machine check skipped (CR4.MCE clear)",
+                            self.index
+                        );
+                        continue;
+                    }
+                    if let Err(e) = mce::inject(&self.fd, &mce::encode_broadcast()) {
+                        return Some(ExitReason::Internal(format!("vCPU {}: {e}", self.index)));
+                    }
+                    log::debug!("vCPU {}: broadcast machine check injected", self.index);
+                    continue;
+                }
+            };
             if self.shared.mce.mcg_cap.is_none() {
                 return Some(ExitReason::Crash(format!(
                     "vCPU {}: guest touched poisoned memory at {gpa:#x} and KVM cannot inject machine checks",
@@ -306,6 +453,31 @@ impl Vcpu {
             );
         }
         None
+    }
+
+    /// KVM_EXIT_INTERNAL_ERROR: complete the instruction with an emulation
+    /// assist if one applies and assists are on, else report a crash.
+    fn handle_internal_error(&mut self) -> Option<ExitReason> {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the
+        // active member of the exit union.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let nd = (internal.ndata as usize).min(internal.data.len());
+        let insn = assist::failed_instruction(internal.suberror, &internal.data[..nd]);
+        if let Some(insn) = &insn {
+            match self.shared.assists.complete(&self.fd, insn) {
+                Ok(Some(_)) => return None,
+                Ok(None) => {}
+                Err(e) => return Some(ExitReason::Internal(format!("vCPU {}: {e}", self.index))),
+            }
+        }
+        let mut s = self.describe_internal_error();
+        if let Some(kind) = insn.as_deref().and_then(assist::classify) {
+            s.push_str(&format!(
+                "; an emulation assist exists for this instruction ({kind:?}): run with --emulation-assists on"
+            ));
+        }
+        Some(ExitReason::Crash(s))
     }
 
     fn describe_internal_error(&mut self) -> String {
