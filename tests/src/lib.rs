@@ -166,13 +166,16 @@ pub fn wait_for_path(path: &Path, timeout: Duration) {
 /// One raw HTTP/1.1 exchange over a Unix socket; returns (status, body).
 pub fn http(sock: &Path, req: &str) -> (u16, String) {
     use std::os::unix::net::UnixStream;
-    let mut s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
+    let mut s =
+        UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     s.write_all(req.as_bytes()).unwrap();
     let mut buf = Vec::new();
     let mut tmp = [0u8; 4096];
     loop {
-        let n = s.read(&mut tmp).unwrap_or_else(|e| panic!("{req:?}: {e}; got {:?}", String::from_utf8_lossy(&buf)));
+        let n = s
+            .read(&mut tmp)
+            .unwrap_or_else(|e| panic!("{req:?}: {e}; got {:?}", String::from_utf8_lossy(&buf)));
         if n == 0 {
             break;
         }
@@ -194,7 +197,10 @@ pub fn http(sock: &Path, req: &str) -> (u16, String) {
     }
     let text = String::from_utf8_lossy(&buf).into_owned();
     let status = text[9..12].parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -208,7 +214,10 @@ pub fn api(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, s
         None => format!("{method} {path} HTTP/1.1\r\n\r\n"),
     };
     let (st, text) = http(sock, &req);
-    (st, serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+    (
+        st,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
 }
 
 /// A running `vmm` with an API socket whose serial output is read line by line.
@@ -257,10 +266,19 @@ impl Vmm {
             if let Some(st) = child.try_wait().unwrap() {
                 panic!("vmm exited early with {st}: {}", stderr.join().unwrap());
             }
-            assert!(start.elapsed() < Duration::from_secs(20), "API socket did not appear");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "API socket did not appear"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
-        Vmm { child: Some(child), lines: rx, seen: Vec::new(), stderr: Some(stderr), sock }
+        Vmm {
+            child: Some(child),
+            lines: rx,
+            seen: Vec::new(),
+            stderr: Some(stderr),
+            sock,
+        }
     }
 
     /// Wait for a serial line containing `needle`; returns it.
@@ -275,7 +293,10 @@ impl Vmm {
                         return l;
                     }
                 }
-                Err(_) => panic!("no line containing {needle:?} within {timeout:?}; output so far:\n{}", self.seen.join("\n")),
+                Err(_) => panic!(
+                    "no line containing {needle:?} within {timeout:?}; output so far:\n{}",
+                    self.seen.join("\n")
+                ),
             }
         }
     }
@@ -304,7 +325,10 @@ impl Vmm {
             if start.elapsed() > timeout {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("vmm did not exit within {timeout:?}; output:\n{}", self.seen.join("\n"));
+                panic!(
+                    "vmm did not exit within {timeout:?}; output:\n{}",
+                    self.seen.join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         };
@@ -327,7 +351,9 @@ impl Drop for Vmm {
 
 /// Parse `key=0x...` or `key=123` from a line.
 pub fn field(line: &str, key: &str) -> Option<u64> {
-    let v = line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}=")))?;
+    let v = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))?;
     match v.strip_prefix("0x") {
         Some(h) => u64::from_str_radix(h, 16).ok(),
         None => v.parse().ok(),

@@ -126,7 +126,10 @@ fn run_wrapped(wrapper: &[&str]) -> Option<(i32, String)> {
     let mut args: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
     let last = args.pop().unwrap();
     args.push(format!("{last} {} run", bin.display()));
-    let out = std::process::Command::new(&args[0]).args(&args[1..]).output().ok()?;
+    let out = std::process::Command::new(&args[0])
+        .args(&args[1..])
+        .output()
+        .ok()?;
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     if !err.contains("vmm: ") {
         eprintln!("SKIP: {wrapper:?} could not run vmm here: {err}");
@@ -138,20 +141,38 @@ fn run_wrapped(wrapper: &[&str]) -> Option<(i32, String)> {
 #[test]
 fn missing_dev_kvm_says_how_to_fix() {
     // A private mount namespace with an empty /dev.
-    let Some((code, err)) = run_wrapped(&["unshare", "-m", "sh", "-c", "mount -t tmpfs none /dev && exec"]) else {
+    let Some((code, err)) = run_wrapped(&[
+        "unshare",
+        "-m",
+        "sh",
+        "-c",
+        "mount -t tmpfs none /dev && exec",
+    ]) else {
         return;
     };
     assert_eq!(code, 69, "{err}");
-    assert!(err.contains("/dev/kvm does not exist") && err.contains("modprobe"), "{err}");
+    assert!(
+        err.contains("/dev/kvm does not exist") && err.contains("modprobe"),
+        "{err}"
+    );
 }
 
 #[test]
 fn no_permission_on_dev_kvm_says_how_to_fix() {
-    let Some((code, err)) =
-        run_wrapped(&["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", "exec"])
-    else {
+    let Some((code, err)) = run_wrapped(&[
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "sh",
+        "-c",
+        "exec",
+    ]) else {
         return;
     };
     assert_eq!(code, 69, "{err}");
-    assert!(err.contains("permission denied") && err.contains("usermod -aG kvm"), "{err}");
+    assert!(
+        err.contains("permission denied") && err.contains("usermod -aG kvm"),
+        "{err}"
+    );
 }

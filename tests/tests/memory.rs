@@ -23,7 +23,9 @@ const MCG_STATUS_EIPV: u64 = 2;
 const MCG_STATUS_MCIP: u64 = 4;
 
 fn host_is_amd() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().contains("AuthenticAMD")
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .contains("AuthenticAMD")
 }
 
 #[test]
@@ -31,17 +33,40 @@ fn demand_paging_patterns_keep_contents() {
     require_kvm!();
     for pattern in ["seq", "random", "huge", "unaligned"] {
         let cmdline = format!("pattern={pattern} verify=1 mib=48");
-        let out = run_vmm(&["run", "--guest", "touch", "--mem", "128", "--cmdline", &cmdline], b"", T);
+        let out = run_vmm(
+            &[
+                "run",
+                "--guest",
+                "touch",
+                "--mem",
+                "128",
+                "--cmdline",
+                &cmdline,
+            ],
+            b"",
+            T,
+        );
         assert_eq!(out.code(), 0, "{pattern}: {out:?}");
-        assert!(out.stdout.contains("touch: ok"), "{pattern}: {}", out.stdout);
-        assert!(out.stdout.contains("signature_ok=1"), "{pattern}: {}", out.stdout);
+        assert!(
+            out.stdout.contains("touch: ok"),
+            "{pattern}: {}",
+            out.stdout
+        );
+        assert!(
+            out.stdout.contains("signature_ok=1"),
+            "{pattern}: {}",
+            out.stdout
+        );
     }
 }
 
 #[test]
 fn checker_and_counters_agree_with_the_host() {
     require_kvm!();
-    let mut vm = Vmm::start("memcheck", &["--guest", "soft", "--mem", "128", "--cmdline", "mib=16"]);
+    let mut vm = Vmm::start(
+        "memcheck",
+        &["--guest", "soft", "--mem", "128", "--cmdline", "mib=16"],
+    );
     vm.wait_line("soft: ready", T);
     let (st, check) = vm.api("GET", "/memory/check", None);
     assert_eq!(st, 200, "{check}");
@@ -53,12 +78,22 @@ fn checker_and_counters_agree_with_the_host() {
     let frames = &mem["frames"];
     // Host memory held by the pool matches what guestmem handed out (within 4 MiB).
     let resident = mem["resident_bytes"].as_u64().unwrap();
-    let accounted = (frames["allocated"].as_u64().unwrap() + frames["pcp_cached"].as_u64().unwrap()) * 4096;
-    assert!(resident <= accounted + (4 << 20), "resident {resident} accounted {accounted}: {mem:#}");
-    assert!(resident + (4 << 20) >= frames["mapped"].as_u64().unwrap() * 4096 / 2, "{mem:#}");
+    let accounted =
+        (frames["allocated"].as_u64().unwrap() + frames["pcp_cached"].as_u64().unwrap()) * 4096;
+    assert!(
+        resident <= accounted + (4 << 20),
+        "resident {resident} accounted {accounted}: {mem:#}"
+    );
+    assert!(
+        resident + (4 << 20) >= frames["mapped"].as_u64().unwrap() * 4096 / 2,
+        "{mem:#}"
+    );
     // Demand paging used 2 MiB extents.
     assert!(mem["pager"]["huge_faults"].as_u64().unwrap() > 0, "{mem:#}");
-    assert!(mem["shadow_ept"]["installs_2m"].as_u64().unwrap() > 0, "{mem:#}");
+    assert!(
+        mem["shadow_ept"]["installs_2m"].as_u64().unwrap() > 0,
+        "{mem:#}"
+    );
     vm.send("stop\n");
     let (code, out, err) = vm.finish(T);
     assert_eq!(code, 0, "{out}\n{err}");
@@ -82,12 +117,24 @@ fn hard_poison_action_required_raises_a_recoverable_machine_check() {
     let mut vm = Vmm::start("poison-ar", &["--guest", "poison", "--mem", "64"]);
     let ready = vm.wait_line("poison: target gpa=", T);
     let gpa = field(&ready, "gpa").expect("target gpa");
-    let (st, rep) = vm.api("POST", "/memory/poison", Some(&poison_body(gpa, "hard", "required")));
+    let (st, rep) = vm.api(
+        "POST",
+        "/memory/poison",
+        Some(&poison_body(gpa, "hard", "required")),
+    );
     assert_eq!(st, 200, "{rep}");
     assert_eq!(rep["outcome"], "mapped", "{rep}");
     // A second failure of the same page is reported, not handled again.
-    let (st, rep2) = vm.api("POST", "/memory/poison", Some(&poison_body(gpa, "hard", "required")));
-    assert_eq!((st, rep2["outcome"].as_str()), (200, Some("already_poisoned")), "{rep2}");
+    let (st, rep2) = vm.api(
+        "POST",
+        "/memory/poison",
+        Some(&poison_body(gpa, "hard", "required")),
+    );
+    assert_eq!(
+        (st, rep2["outcome"].as_str()),
+        (200, Some("already_poisoned")),
+        "{rep2}"
+    );
     let (_, check) = vm.api("GET", "/memory/check", None);
     assert_eq!(check["ok"], true, "{check:#}");
     vm.send("go\n");
@@ -96,19 +143,37 @@ fn hard_poison_action_required_raises_a_recoverable_machine_check() {
     let l = mce_line(&out, gpa);
     let status = field(&l, "status").unwrap();
     let mcg = field(&l, "mcg_status").unwrap();
-    assert_eq!(field(&l, "misc"), Some(0x8c), "physical address mode, LSB 12: {l}");
-    for bit in [MCI_STATUS_VAL, MCI_STATUS_UC, MCI_STATUS_EN, MCI_STATUS_MISCV, MCI_STATUS_ADDRV] {
+    assert_eq!(
+        field(&l, "misc"),
+        Some(0x8c),
+        "physical address mode, LSB 12: {l}"
+    );
+    for bit in [
+        MCI_STATUS_VAL,
+        MCI_STATUS_UC,
+        MCI_STATUS_EN,
+        MCI_STATUS_MISCV,
+        MCI_STATUS_ADDRV,
+    ] {
         assert_ne!(status & bit, 0, "bit {bit:#x} missing: {l}");
     }
     if host_is_amd() {
         assert_ne!(status & MCI_STATUS_POISON, 0, "AMD: POISON: {l}");
-        assert_eq!(status & MCI_STATUS_DEFERRED, 0, "AMD AR is not deferred: {l}");
+        assert_eq!(
+            status & MCI_STATUS_DEFERRED,
+            0,
+            "AMD AR is not deferred: {l}"
+        );
     } else {
         assert_ne!(status & MCI_STATUS_S, 0, "{l}");
         assert_ne!(status & MCI_STATUS_AR, 0, "{l}");
         assert_eq!(status & 0xffff, 0x134, "{l}");
     }
-    assert_eq!(mcg & (MCG_STATUS_MCIP | MCG_STATUS_EIPV), MCG_STATUS_MCIP | MCG_STATUS_EIPV, "{l}");
+    assert_eq!(
+        mcg & (MCG_STATUS_MCIP | MCG_STATUS_EIPV),
+        MCG_STATUS_MCIP | MCG_STATUS_EIPV,
+        "{l}"
+    );
     assert!(out.contains("poison: recovered"), "{out}");
     assert!(out.contains("poison: survived other_pages_ok=1"), "{out}");
 }
@@ -116,12 +181,26 @@ fn hard_poison_action_required_raises_a_recoverable_machine_check() {
 #[test]
 fn hard_poison_action_optional_is_reported_at_once() {
     require_kvm!();
-    let mut vm = Vmm::start("poison-ao", &["--guest", "poison", "--mem", "64", "--cmdline", "mode=ao wait_ms=20000"]);
+    let mut vm = Vmm::start(
+        "poison-ao",
+        &[
+            "--guest",
+            "poison",
+            "--mem",
+            "64",
+            "--cmdline",
+            "mode=ao wait_ms=20000",
+        ],
+    );
     let ready = vm.wait_line("poison: target gpa=", T);
     let gpa = field(&ready, "gpa").expect("target gpa");
     vm.send("go\n");
     std::thread::sleep(Duration::from_millis(300));
-    let (st, rep) = vm.api("POST", "/memory/poison", Some(&poison_body(gpa, "hard", "optional")));
+    let (st, rep) = vm.api(
+        "POST",
+        "/memory/poison",
+        Some(&poison_body(gpa, "hard", "optional")),
+    );
     assert_eq!(st, 200, "{rep}");
     let (code, out, err) = vm.finish(T);
     assert_eq!(code, 0, "{out}\n{err}");
@@ -143,7 +222,10 @@ fn hard_poison_action_optional_is_reported_at_once() {
 #[test]
 fn soft_offline_under_load_loses_no_data() {
     require_kvm!();
-    let mut vm = Vmm::start("soft", &["--guest", "soft", "--mem", "128", "--cmdline", "mib=8"]);
+    let mut vm = Vmm::start(
+        "soft",
+        &["--guest", "soft", "--mem", "128", "--cmdline", "mib=8"],
+    );
     let ready = vm.wait_line("soft: ready", T);
     let first = field(&ready, "first").unwrap();
     let last = field(&ready, "last").unwrap();
@@ -151,7 +233,11 @@ fn soft_offline_under_load_loses_no_data() {
     let mut migrated = 0;
     for i in 0..24 {
         let gpa = first + (i * 97 % pages) * 4096;
-        let (st, rep) = vm.api("POST", "/memory/poison", Some(&format!(r#"{{"gpa":{gpa},"kind":"soft"}}"#)));
+        let (st, rep) = vm.api(
+            "POST",
+            "/memory/poison",
+            Some(&format!(r#"{{"gpa":{gpa},"kind":"soft"}}"#)),
+        );
         assert_eq!(st, 200, "{rep}");
         migrated += u32::from(rep["outcome"] == "migrated");
         std::thread::sleep(Duration::from_millis(20));
@@ -160,12 +246,18 @@ fn soft_offline_under_load_loses_no_data() {
     let (_, check) = vm.api("GET", "/memory/check", None);
     assert_eq!(check["ok"], true, "{check:#}");
     let (_, mem) = vm.api("GET", "/memory", None);
-    assert!(mem["frames"]["soft_offlined"].as_u64().unwrap() >= u64::from(migrated), "{mem:#}");
+    assert!(
+        mem["frames"]["soft_offlined"].as_u64().unwrap() >= u64::from(migrated),
+        "{mem:#}"
+    );
     vm.send("stop\n");
     let (code, out, err) = vm.finish(T);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains(" ok"), "{out}");
-    assert!(!out.contains(": mce "), "soft offline must be invisible to the guest: {out}");
+    assert!(
+        !out.contains(": mce "),
+        "soft offline must be invisible to the guest: {out}"
+    );
 }
 
 #[test]
@@ -193,19 +285,52 @@ fn poison_requests_are_validated() {
 #[test]
 fn anonymous_backing_runs_the_same_guests() {
     require_kvm!();
-    let out = run_vmm(&["run", "--guest", "touch", "--mem", "64", "--mem-backing", "anon", "--cmdline", "mib=16 verify=1"], b"", T);
+    let out = run_vmm(
+        &[
+            "run",
+            "--guest",
+            "touch",
+            "--mem",
+            "64",
+            "--mem-backing",
+            "anon",
+            "--cmdline",
+            "mib=16 verify=1",
+        ],
+        b"",
+        T,
+    );
     assert_eq!(out.code(), 0, "{out:?}");
 }
 
 #[test]
 fn reset_after_poison_gives_the_gpa_a_fresh_frame() {
     require_kvm!();
-    let mut vm =
-        Vmm::start("poison-reset", &["--guest", "poison", "--mem", "64", "--on-reset", "restart", "--cmdline", "reset=1"]);
+    let mut vm = Vmm::start(
+        "poison-reset",
+        &[
+            "--guest",
+            "poison",
+            "--mem",
+            "64",
+            "--on-reset",
+            "restart",
+            "--cmdline",
+            "reset=1",
+        ],
+    );
     let ready = vm.wait_line("poison: target gpa=", T);
     let gpa = field(&ready, "gpa").unwrap();
-    let (st, rep) = vm.api("POST", "/memory/poison", Some(&poison_body(gpa, "hard", "required")));
-    assert_eq!((st, rep["outcome"].as_str()), (200, Some("mapped")), "{rep}");
+    let (st, rep) = vm.api(
+        "POST",
+        "/memory/poison",
+        Some(&poison_body(gpa, "hard", "required")),
+    );
+    assert_eq!(
+        (st, rep["outcome"].as_str()),
+        (200, Some("mapped")),
+        "{rep}"
+    );
     vm.send("go\n");
     vm.wait_line("poison: survived", T);
     vm.wait_line("poison: resetting", T);
@@ -214,14 +339,20 @@ fn reset_after_poison_gives_the_gpa_a_fresh_frame() {
     assert_eq!(field(&ready2, "gpa"), Some(gpa));
     let (_, mem) = vm.api("GET", "/memory", None);
     assert_eq!(mem["frames"]["poisoned_gfns"], 0, "{mem:#}");
-    assert!(mem["frames"]["retired"].as_u64().unwrap() >= 1, "the failed frame stays retired: {mem:#}");
+    assert!(
+        mem["frames"]["retired"].as_u64().unwrap() >= 1,
+        "the failed frame stays retired: {mem:#}"
+    );
     let (_, check) = vm.api("GET", "/memory/check", None);
     assert_eq!(check["ok"], true, "{check:#}");
     vm.send("go\n");
     let (code, out, err) = vm.finish(T);
     // Exit 2 = "no machine check": the page reads back its pattern from a fresh frame.
     assert_eq!(code, 2, "{out}\n{err}");
-    assert!(out.trim_end().ends_with("poison: no machine check"), "{out}");
+    assert!(
+        out.trim_end().ends_with("poison: no machine check"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -230,16 +361,37 @@ fn poisoned_free_and_per_vcpu_frames_are_never_handed_out() {
     // The guest waits, the host poisons a frame that is free in the buddy
     // allocator and one that sits on a per-vCPU list, then the guest touches
     // almost all of its RAM (heavy allocation) and verifies it.
-    let mut vm =
-        Vmm::start("poison-free", &["--guest", "touch", "--mem", "96", "--cmdline", "wait=1 hold=1 verify=1 pattern=random"]);
+    let mut vm = Vmm::start(
+        "poison-free",
+        &[
+            "--guest",
+            "touch",
+            "--mem",
+            "96",
+            "--cmdline",
+            "wait=1 hold=1 verify=1 pattern=random",
+        ],
+    );
     vm.wait_line("touch: waiting", T);
-    let (st, free) = vm.api("POST", "/memory/poison", Some(r#"{"frame":"free","kind":"hard"}"#));
-    assert_eq!((st, free["outcome"].as_str()), (200, Some("free")), "{free}");
+    let (st, free) = vm.api(
+        "POST",
+        "/memory/poison",
+        Some(r#"{"frame":"free","kind":"hard"}"#),
+    );
+    assert_eq!(
+        (st, free["outcome"].as_str()),
+        (200, Some("free")),
+        "{free}"
+    );
     // A frame can leave a per-vCPU list between the pick and the failure:
     // retry a few times; a pick that went elsewhere is still a valid poison.
     let mut pcp_done = false;
     for _ in 0..8 {
-        let (st, rep) = vm.api("POST", "/memory/poison", Some(r#"{"frame":"pcp","kind":"hard"}"#));
+        let (st, rep) = vm.api(
+            "POST",
+            "/memory/poison",
+            Some(r#"{"frame":"pcp","kind":"hard"}"#),
+        );
         if st == 200 && rep["outcome"] == "per_cpu_list" {
             pcp_done = true;
             break;
@@ -249,7 +401,11 @@ fn poisoned_free_and_per_vcpu_frames_are_never_handed_out() {
     let (_, mem) = vm.api("GET", "/memory", None);
     let poisoned = mem["frames"]["poisoned"].as_u64().unwrap();
     assert!(poisoned >= 2, "{mem:#}");
-    assert_eq!(mem["frames"]["pcp_cached"].as_u64(), Some(0), "all per-vCPU lists drained: {mem:#}");
+    assert_eq!(
+        mem["frames"]["pcp_cached"].as_u64(),
+        Some(0),
+        "all per-vCPU lists drained: {mem:#}"
+    );
     vm.send("go\n");
     vm.wait_line("touch: holding", T);
     // Nothing mapped a poisoned frame (the checker looks at every shadow
@@ -257,9 +413,16 @@ fn poisoned_free_and_per_vcpu_frames_are_never_handed_out() {
     // and the frames are still counted as poisoned.
     let (_, check) = vm.api("GET", "/memory/check", None);
     assert_eq!(check["ok"], true, "{check:#}");
-    assert!(check["ept_mapped"].as_u64().unwrap() > 20_000, "heavy allocation happened: {check}");
+    assert!(
+        check["ept_mapped"].as_u64().unwrap() > 20_000,
+        "heavy allocation happened: {check}"
+    );
     let (_, mem) = vm.api("GET", "/memory", None);
-    assert_eq!(mem["frames"]["poisoned"].as_u64(), Some(poisoned), "{mem:#}");
+    assert_eq!(
+        mem["frames"]["poisoned"].as_u64(),
+        Some(poisoned),
+        "{mem:#}"
+    );
     vm.send("done\n");
     let (code, out, err) = vm.finish(T);
     assert_eq!(code, 0, "{out}\n{err}");
