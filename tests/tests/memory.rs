@@ -435,7 +435,19 @@ fn poisoned_free_and_per_vcpu_frames_are_never_handed_out() {
 #[test]
 fn stress_soft_offline_and_checker_while_the_guest_writes() {
     require_kvm!();
-    let mut vm = Vmm::start("stress", &["--guest", "soft", "--mem", "128", "--vcpus", "2", "--cmdline", "mib=32"]);
+    let mut vm = Vmm::start(
+        "stress",
+        &[
+            "--guest",
+            "soft",
+            "--mem",
+            "128",
+            "--vcpus",
+            "2",
+            "--cmdline",
+            "mib=32",
+        ],
+    );
     let ready = vm.wait_line("soft: ready", T);
     let first = field(&ready, "first").unwrap();
     let pages = (field(&ready, "last").unwrap() - first) / 4096 + 1;
@@ -450,16 +462,27 @@ fn stress_soft_offline_and_checker_while_the_guest_writes() {
     for _ in 0..800 {
         if rng() % 4 == 0 {
             let (st, check) = vm.api("GET", "/memory/check", None);
-            assert_eq!((st, &check["ok"]), (200, &serde_json::Value::Bool(true)), "{check:#}");
+            assert_eq!(
+                (st, &check["ok"]),
+                (200, &serde_json::Value::Bool(true)),
+                "{check:#}"
+            );
             checks += 1;
         } else {
             let gpa = first + rng() % pages * 4096;
-            let (st, rep) = vm.api("POST", "/memory/poison", Some(&format!(r#"{{"gpa":{gpa},"kind":"soft"}}"#)));
+            let (st, rep) = vm.api(
+                "POST",
+                "/memory/poison",
+                Some(&format!(r#"{{"gpa":{gpa},"kind":"soft"}}"#)),
+            );
             assert_eq!(st, 200, "{rep}");
             migrated += u32::from(rep["outcome"] == "migrated");
         }
     }
-    assert!(migrated > 400 && checks > 100, "migrated {migrated}, checks {checks}");
+    assert!(
+        migrated > 400 && checks > 100,
+        "migrated {migrated}, checks {checks}"
+    );
     let (_, check) = vm.api("GET", "/memory/check", None);
     assert_eq!(check["ok"], true, "{check:#}");
     vm.send("stop\n");

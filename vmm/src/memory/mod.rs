@@ -8,6 +8,7 @@
 //!   Firecracker and QEMU do); kept as the baseline for benchmarks.
 
 pub mod check;
+pub mod dma;
 pub mod pager;
 pub mod poison;
 pub mod uffd;
@@ -74,6 +75,7 @@ struct Managed {
     gm: Arc<GuestMemory>,
     ept: Arc<ShadowEpt>,
     view: Arc<GuestView>,
+    tlb: Arc<dma::DeviceTlb>,
     pager: Arc<Pager>,
     thread: Mutex<Option<JoinHandle<()>>>,
     subscriptions: Vec<NotifierId>,
@@ -155,10 +157,14 @@ impl GuestRam {
         let view = Arc::new(GuestView::new(span, &ram, &[legacy], gm.pool().fd())?);
         let ept = Arc::new(ShadowEpt::new()?);
         let kvm = Arc::new(KvmMapping::new(view.clone()));
-        // Order matters only for tracing: both zap before the change.
+        let tlb = Arc::new(dma::DeviceTlb::new(gm.clone(), ept.clone()));
+        // Subscribers: the shadow EPT, the KVM mapping, the device
+        // translation cache. Order matters only for tracing: all of them
+        // drop their translations before the change.
         let subscriptions = vec![
             gm.notifiers().register(ept.clone()),
             gm.notifiers().register(kvm.clone()),
+            gm.notifiers().register(tlb.clone()),
         ];
         let pager = Arc::new(Pager {
             gm: gm.clone(),
@@ -183,6 +189,7 @@ impl GuestRam {
                 gm,
                 ept,
                 view,
+                tlb,
                 pager,
                 thread: Mutex::new(Some(thread)),
                 subscriptions,
@@ -201,6 +208,13 @@ impl GuestRam {
     /// guestmem, when it backs the RAM.
     pub fn guest_memory(&self) -> Option<&Arc<GuestMemory>> {
         self.managed.as_ref().map(|m| &m.gm)
+    }
+
+    /// The device translation cache, when guestmem backs the RAM: device
+    /// emulation reads and writes guest buffers through it (a poisoned page
+    /// is an error, never a SIGBUS).
+    pub fn device_tlb(&self) -> Option<&Arc<dma::DeviceTlb>> {
+        self.managed.as_ref().map(|m| &m.tlb)
     }
 
     /// The shadow EPT, when guestmem backs the RAM.
@@ -295,6 +309,7 @@ impl GuestRam {
                 "retries": e.retries, "invalidations": e.invalidations, "zapped_leaves": e.zapped_leaves,
             },
             "pager": p,
+            "device_tlb": m.tlb.stats(),
             "poison": m.poison.snapshot(),
         })
     }

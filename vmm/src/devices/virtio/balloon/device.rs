@@ -209,6 +209,9 @@ pub struct Balloon {
     pub stats: GuestStats,
     /// The statistics buffer the device holds until the next poll.
     pub stats_desc: Option<u16>,
+    /// Cached guest-physical translations for reading buffers (None: read
+    /// through the guest view, e.g. with anonymous RAM or in unit tests).
+    pub dma: Option<std::sync::Arc<crate::memory::dma::DeviceTlb>>,
 }
 
 impl Balloon {
@@ -223,6 +226,7 @@ impl Balloon {
             counters: BalloonCounters::default(),
             stats: GuestStats::default(),
             stats_desc: None,
+            dma: None,
         }
     }
 

@@ -85,7 +85,11 @@ fn read_elements(b: &mut Balloon, descs: &[Descriptor], mem: Mem<'_>, elem: u32)
         }
         let at = bytes.len();
         bytes.resize(at + d.len() as usize, 0);
-        if mem.read_slice(&mut bytes[at..], d.addr()).is_err() {
+        let ok = match &b.dma {
+            Some(dma) => dma.read(d.addr().0, &mut bytes[at..]).is_ok(),
+            None => mem.read_slice(&mut bytes[at..], d.addr()).is_ok(),
+        };
+        if !ok {
             b.counters.bad_descriptors += 1;
             bytes.truncate(at);
         }

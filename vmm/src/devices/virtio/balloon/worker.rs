@@ -397,11 +397,9 @@ pub fn attach(
     })?;
     let rearm = Arc::new(efd("the timer re-arm eventfd")?);
     let pfn_limit = (ram.mem().last_addr().0 >> PFN_SHIFT) + 1;
-    let transport = MmioTransport::new(
-        Balloon::new(cfg, pfn_limit),
-        ram.mem().clone(),
-        Arc::new(Interrupt::new(irqfd)),
-    );
+    let mut balloon = Balloon::new(cfg, pfn_limit);
+    balloon.dma = ram.device_tlb().cloned();
+    let transport = MmioTransport::new(balloon, ram.mem().clone(), Arc::new(Interrupt::new(irqfd)));
     let device = Arc::new(Mutex::new(transport));
     Ok(Attached {
         device: device.clone(),
