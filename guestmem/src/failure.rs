@@ -139,6 +139,16 @@ impl GuestMemory {
         drop(self.write_space());
     }
 
+    /// Split the 2 MiB mapping headed by `head` (if it is one) into 4 KiB
+    /// mappings, so the guest frame `gfn` can be changed alone. The caller
+    /// holds an invalidation covering the whole huge mapping.
+    fn split_if_huge(&self, s: &mut crate::space::Space, gfn: u64, head: FrameId, order: u32) {
+        if order == HUGE_ORDER {
+            s.split(gfn);
+            self.alloc.split_allocated(head, order, FrameState::Mapped);
+        }
+    }
+
     /// Handle a hardware memory failure of `frame` (see the module docs).
     pub fn memory_failure(
         &self,
@@ -213,10 +223,7 @@ impl GuestMemory {
             .invalidate_range_start(range, InvalidateReason::Poison);
         {
             let mut s = self.write_space();
-            if order == HUGE_ORDER {
-                s.split(gfn);
-                self.alloc.split_allocated(head, order, FrameState::Mapped);
-            }
+            self.split_if_huge(&mut s, gfn, head, order);
             let m = s.remove(gfn).expect("mapping of a mapped frame");
             debug_assert_eq!(m.frame, frame);
             s.poisoned.insert(gfn);
@@ -301,10 +308,7 @@ impl GuestMemory {
             .invalidate_range_start(range, InvalidateReason::Migrate);
         {
             let mut s = self.write_space();
-            if order == HUGE_ORDER {
-                s.split(gfn);
-                self.alloc.split_allocated(head, order, FrameState::Mapped);
-            }
+            self.split_if_huge(&mut s, gfn, head, order);
             // SAFETY: both frames are ours: `new` was just allocated, `frame`
             // is mapped and every translation to it is invalidated, and the
             // space write lock keeps `resolve` from handing it out.

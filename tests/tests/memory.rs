@@ -103,6 +103,17 @@ fn poison_body(gpa: u64, kind: &str, action: &str) -> String {
     format!(r#"{{"gpa":{gpa},"kind":"{kind}","action":"{action}"}}"#)
 }
 
+/// `POST /memory/poison` of guest page `gpa`; returns (status, outcome, body).
+fn post_poison(vm: &Vmm, gpa: u64, kind: &str, action: &str) -> (u16, String, serde_json::Value) {
+    let (st, rep) = vm.api(
+        "POST",
+        "/memory/poison",
+        Some(&poison_body(gpa, kind, action)),
+    );
+    let outcome = rep["outcome"].as_str().unwrap_or_default().to_string();
+    (st, outcome, rep)
+}
+
 /// Find the bank report line of the machine check for `gpa`.
 fn mce_line(out: &str, gpa: u64) -> String {
     out.lines()
@@ -117,19 +128,11 @@ fn hard_poison_action_required_raises_a_recoverable_machine_check() {
     let mut vm = Vmm::start("poison-ar", &["--guest", "poison", "--mem", "64"]);
     let ready = vm.wait_line("poison: target gpa=", T);
     let gpa = field(&ready, "gpa").expect("target gpa");
-    let (st, rep) = vm.api(
-        "POST",
-        "/memory/poison",
-        Some(&poison_body(gpa, "hard", "required")),
-    );
+    let (st, _, rep) = post_poison(&vm, gpa, "hard", "required");
     assert_eq!(st, 200, "{rep}");
     assert_eq!(rep["outcome"], "mapped", "{rep}");
     // A second failure of the same page is reported, not handled again.
-    let (st, rep2) = vm.api(
-        "POST",
-        "/memory/poison",
-        Some(&poison_body(gpa, "hard", "required")),
-    );
+    let (st, _, rep2) = post_poison(&vm, gpa, "hard", "required");
     assert_eq!(
         (st, rep2["outcome"].as_str()),
         (200, Some("already_poisoned")),
@@ -196,11 +199,7 @@ fn hard_poison_action_optional_is_reported_at_once() {
     let gpa = field(&ready, "gpa").expect("target gpa");
     vm.send("go\n");
     std::thread::sleep(Duration::from_millis(300));
-    let (st, rep) = vm.api(
-        "POST",
-        "/memory/poison",
-        Some(&poison_body(gpa, "hard", "optional")),
-    );
+    let (st, _, rep) = post_poison(&vm, gpa, "hard", "optional");
     assert_eq!(st, 200, "{rep}");
     let (code, out, err) = vm.finish(T);
     assert_eq!(code, 0, "{out}\n{err}");
@@ -321,11 +320,7 @@ fn reset_after_poison_gives_the_gpa_a_fresh_frame() {
     );
     let ready = vm.wait_line("poison: target gpa=", T);
     let gpa = field(&ready, "gpa").unwrap();
-    let (st, rep) = vm.api(
-        "POST",
-        "/memory/poison",
-        Some(&poison_body(gpa, "hard", "required")),
-    );
+    let (st, _, rep) = post_poison(&vm, gpa, "hard", "required");
     assert_eq!(
         (st, rep["outcome"].as_str()),
         (200, Some("mapped")),
