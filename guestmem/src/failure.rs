@@ -309,9 +309,9 @@ impl GuestMemory {
         {
             let mut s = self.write_space();
             self.split_if_huge(&mut s, gfn, head, order);
-            // SAFETY: both frames are ours: `new` was just allocated, `frame`
-            // is mapped and every translation to it is invalidated, and the
-            // space write lock keeps `resolve` from handing it out.
+            // Both frames are ours: `new` was just allocated, `frame` is mapped,
+            // every translation to it is invalidated and the space write lock
+            // SAFETY: keeps `resolve` from handing either out during the copy.
             unsafe {
                 self.pool
                     .frame_bytes_mut(new, 1)

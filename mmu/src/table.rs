@@ -88,9 +88,9 @@ impl PageStore {
 impl Drop for PageStore {
     fn drop(&mut self) {
         for p in self.upper.drain(..).chain(self.pts.drain().map(|(_, p)| p)) {
-            // SAFETY: every pointer came from `Box::leak` in `alloc`, is held
-            // once in the store, and the store is dropped only with the whole
-            // secondary MMU (no reader can hold `&Table` any more).
+            // Every pointer came from `Box::leak` in `alloc` and is held once
+            // in the store, which is dropped only with the whole secondary MMU.
+            // SAFETY: unique ownership; no reader can hold `&Table` any more.
             drop(unsafe { Box::from_raw(p.as_ptr()) });
         }
     }
@@ -138,9 +138,9 @@ impl Table {
 
     /// The child page a present non-leaf entry points at.
     fn child(&self, e: u64) -> &TablePage {
-        // SAFETY: non-leaf entries only ever hold addresses of pages owned by
-        // the `PageStore` of this table, never freed before the table is
-        // dropped; the returned borrow is bounded by `&self`.
+        // Non-leaf entries only hold addresses of pages owned by this table's
+        // `PageStore`, never freed before the table is dropped.
+        // SAFETY: see above; the returned borrow is bounded by `&self`.
         unsafe { &*(EptEntry(e).addr() as *const TablePage) }
     }
 

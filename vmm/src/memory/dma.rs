@@ -158,10 +158,10 @@ impl DeviceTlb {
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         let dst = buf.as_mut_ptr();
         self.access(gpa, buf.len(), false, |host, off, n| {
-            // SAFETY: `host..host + n` is inside a frame of the pool's direct
-            // map that the shadow EPT maps at this GPA; the cache lock is held,
-            // so no invalidation of it can complete meanwhile. `dst + off` is
-            // inside `buf` (off + n <= buf.len()).
+            // `host..host + n` is inside a frame of the pool's direct map that
+            // the shadow EPT maps at this GPA; the cache lock is held, so no
+            // invalidation of it can complete meanwhile.
+            // SAFETY: see above; `dst + off .. + n` is inside `buf`.
             unsafe { std::ptr::copy_nonoverlapping(host, dst.add(off), n) }
         })
     }

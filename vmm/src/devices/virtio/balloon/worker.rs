@@ -210,10 +210,10 @@ impl PageReleaser for RamReleaser<'_> {
             .map_err(|e| e.to_string())?
             .ptr_guard_mut()
             .as_ptr();
-        // SAFETY: `host..host + len` is inside one region of the guest RAM
-        // mapping (get_slice checked it); MADV_DONTNEED on this private
-        // anonymous mapping only drops its contents (the guest then reads
-        // zeros), it never unmaps memory Rust code holds references to.
+        // `host..host + len` is inside one region of the guest RAM mapping
+        // (get_slice checked it); MADV_DONTNEED on this private anonymous
+        // mapping only drops its contents (the guest then reads zeros).
+        // SAFETY: it never unmaps memory Rust code holds references to.
         let r = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) };
         if r != 0 {
             return Err(std::io::Error::last_os_error().to_string());
