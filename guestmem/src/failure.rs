@@ -218,9 +218,11 @@ impl GuestMemory {
         let gfn = d.gfn().expect("mapped frame has a reverse map");
         d.set(MAPPED_AT_FAILURE);
         let range = GpaRange::for_order(gfn << PAGE_SHIFT, order);
-        let guard = self
-            .notifiers
-            .invalidate_range_start(range, InvalidateReason::Poison);
+        // Only the failing page changes; the rest of a huge mapping is split.
+        let changed = GpaRange::new(gfn << PAGE_SHIFT, crate::PAGE_SIZE);
+        let guard =
+            self.notifiers
+                .invalidate_range_start_split(range, changed, InvalidateReason::Poison);
         {
             let mut s = self.write_space();
             self.split_if_huge(&mut s, gfn, head, order);
@@ -303,9 +305,10 @@ impl GuestMemory {
         let d = self.alloc.desc(frame);
         let gfn = d.gfn().expect("mapped frame has a reverse map");
         let range = GpaRange::for_order(gfn << PAGE_SHIFT, order);
-        let guard = self
-            .notifiers
-            .invalidate_range_start(range, InvalidateReason::Migrate);
+        let changed = GpaRange::new(gfn << PAGE_SHIFT, crate::PAGE_SIZE);
+        let guard =
+            self.notifiers
+                .invalidate_range_start_split(range, changed, InvalidateReason::Migrate);
         {
             let mut s = self.write_space();
             self.split_if_huge(&mut s, gfn, head, order);

@@ -564,9 +564,10 @@ impl GuestMemory {
             invalidated: Some(cover),
             ..Default::default()
         };
-        let guard = self
-            .notifiers
-            .invalidate_range_start(cover, InvalidateReason::Release);
+        // Pages of `cover` outside `range` keep their frames (split).
+        let guard =
+            self.notifiers
+                .invalidate_range_start_split(cover, range, InvalidateReason::Release);
         let mut blocks = Vec::new();
         {
             let mut s = self.write_space();

@@ -93,6 +93,15 @@ pub struct Invalidation {
 pub trait MmuNotifier: Send + Sync {
     /// The primary map is about to change inside `inv.range`.
     fn invalidate_range_start(&self, inv: &Invalidation);
+    /// Like [`MmuNotifier::invalidate_range_start`] for a change that splits
+    /// huge mappings inside `inv.range`: only the pages of `changed` get new
+    /// frames (or none); every other page of `inv.range` keeps its frame, now
+    /// behind a smaller mapping. A subscriber may keep (or split) its
+    /// translations outside `changed`; the default drops the whole range.
+    fn invalidate_range_start_split(&self, inv: &Invalidation, changed: GpaRange) {
+        let _ = changed;
+        self.invalidate_range_start(inv);
+    }
     /// The change inside `inv.range` is complete.
     fn invalidate_range_end(&self, inv: &Invalidation);
     /// The address space is being torn down; drop every translation.
@@ -208,6 +217,28 @@ impl NotifierList {
         let inv = Invalidation { range, reason };
         for e in &snapshot {
             e.notifier.invalidate_range_start(&inv);
+        }
+        InvalidateGuard { snapshot, inv }
+    }
+
+    /// Begin an invalidation of `range` that splits its huge mappings and
+    /// changes the frames of `changed` only (see
+    /// [`MmuNotifier::invalidate_range_start_split`]).
+    pub fn invalidate_range_start_split(
+        &self,
+        range: GpaRange,
+        changed: GpaRange,
+        reason: InvalidateReason,
+    ) -> InvalidateGuard {
+        debug_assert!(range.start <= changed.start && changed.end <= range.end);
+        let snapshot = self
+            .entries
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let inv = Invalidation { range, reason };
+        for e in &snapshot {
+            e.notifier.invalidate_range_start_split(&inv, changed);
         }
         InvalidateGuard { snapshot, inv }
     }

@@ -2,7 +2,7 @@
 
 use guestmem::notifier::{GpaRange, Invalidation, MmuNotifier};
 
-use crate::primary::GPA_LIMIT;
+use crate::primary::{GPA_LIMIT, HUGE_ORDER, HUGE_SIZE};
 use crate::ShadowEpt;
 
 impl MmuNotifier for ShadowEpt {
@@ -15,6 +15,35 @@ impl MmuNotifier for ShadowEpt {
         g.invalidate_begin(inv.range);
         g.stats.invalidations += 1;
         self.zap_locked(&mut g, inv.range);
+    }
+
+    /// Like `invalidate_range_start`, but 2 MiB leaves overlapping the range
+    /// are split (all 512 children installed before the leaf is replaced)
+    /// instead of zapped, and only the leaves inside `changed` are zapped:
+    /// the other pages keep their frames in the primary map, so their
+    /// translations stay valid and the guest keeps reaching them.
+    fn invalidate_range_start_split(&self, inv: &Invalidation, changed: GpaRange) {
+        let mut g = self.mmu.lock();
+        g.invalidate_begin(inv.range);
+        g.stats.invalidations += 1;
+        let mut gpa = inv.range.start & !(HUGE_SIZE - 1);
+        while gpa < inv.range.end {
+            if self.table.leaf(gpa).is_some_and(|l| l.order == HUGE_ORDER) {
+                let st = &mut *g;
+                match self.table.split(&mut st.store, gpa) {
+                    Ok(split) => {
+                        st.stats.splits += u64::from(split);
+                        st.stats.table_pages = st.store.pages();
+                    }
+                    // No table page for the split: zap the leaf whole.
+                    Err(_) => {
+                        self.zap_locked(st, GpaRange::new(gpa, HUGE_SIZE));
+                    }
+                }
+            }
+            gpa += HUGE_SIZE;
+        }
+        self.zap_locked(&mut g, changed);
     }
 
     /// Under the mmu lock: bump the sequence, then drop the count.

@@ -265,6 +265,36 @@ impl GuestRam {
         }
     }
 
+    /// Map back, through the normal fault path, every page of `range` that
+    /// guestmem maps but the shadow EPT does not (poisoned pages stay out).
+    pub fn prefault(&self, range: GpaRange) {
+        let Some(m) = &self.managed else { return };
+        let mut gpa = range.start;
+        while gpa < range.end {
+            let wanted = m.ept.peek(gpa).is_none()
+                && m.gm.lookup(gpa).is_some()
+                && !m.gm.is_poisoned_gfn(gpa >> guestmem::PAGE_SHIFT);
+            if wanted {
+                if let Err(e) = m.pager.handle(m.view.base() + gpa, true, 0) {
+                    log::warn!("prefault of {gpa:#x} failed: {e}");
+                }
+            }
+            gpa += guestmem::PAGE_SIZE;
+        }
+    }
+
+    /// Zap counter of the guest view (odd while a zap is under way); 0 for
+    /// anonymous RAM. See [`view::GuestView::zap_window`].
+    pub fn zap_window(&self) -> u64 {
+        self.managed.as_ref().map_or(0, |m| m.view.zap_window())
+    }
+
+    /// True when `gpa` is guest RAM.
+    pub fn is_ram(&self, gpa: u64) -> bool {
+        use vm_memory::GuestMemoryBackend;
+        self.mem.address_in_range(GuestAddress(gpa))
+    }
+
     /// Pager counters.
     pub fn pager_stats(&self) -> Option<PagerStats> {
         self.managed

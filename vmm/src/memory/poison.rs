@@ -229,12 +229,12 @@ impl GuestRam {
             PoisonKind::Soft => {
                 let o = m.gm.soft_offline(frame)?;
                 log::warn!("soft offline: frame {frame} (gpa {gpa:x?}): {o:?}");
-                let name = match o {
-                    SoftOfflineOutcome::AlreadyOffline => "already_offline",
-                    SoftOfflineOutcome::Free => "free",
-                    SoftOfflineOutcome::Migrated { .. } => "migrated",
+                let (name, migrated) = match o {
+                    SoftOfflineOutcome::AlreadyOffline => ("already_offline", None),
+                    SoftOfflineOutcome::Free => ("free", None),
+                    SoftOfflineOutcome::Migrated { gpa, .. } => ("migrated", Some(gpa)),
                 };
-                (name, None, false)
+                (name, migrated, false)
             }
         };
         let report = PoisonReport {
@@ -246,6 +246,13 @@ impl GuestRam {
             inject_now,
         };
         m.poison.record(&report);
+        if let Some(page) = mapped_gpa {
+            // The invalidation zapped the whole (huge) mapping around the
+            // page; map the surviving pages back right away so the guest's
+            // next accesses, and events KVM delivers through its IDT and
+            // stacks (e.g. the machine check itself), find them present.
+            self.prefault(guestmem::GpaRange::for_order(page, mmu::HUGE_ORDER));
+        }
         Ok(report)
     }
 

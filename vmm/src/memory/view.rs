@@ -13,6 +13,7 @@
 //! under that lock and only if no invalidation overlapping it started since
 //! the pager resolved the frame.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use guestmem::notifier::{GpaRange, Invalidation, MmuNotifier};
@@ -46,6 +47,8 @@ pub struct GuestView {
     span: u64,
     /// The demand-paged ranges (guest RAM); invalidations are clipped to them.
     ram: Vec<GpaRange>,
+    /// Zap counter (see [`GuestView::zap_window`]).
+    zaps: AtomicU64,
     uffd: Userfaultfd,
     memfd: i32,
 }
@@ -84,11 +87,12 @@ impl GuestView {
             base: base as u64,
             span,
             ram: ram.to_vec(),
+            zaps: AtomicU64::new(0),
             uffd: Userfaultfd::new()?,
             memfd,
         };
         for r in plain {
-            view.map_anon(*r)?;
+            view.map_anon(*r, libc::PROT_READ | libc::PROT_WRITE)?;
         }
         for r in ram {
             view.zap(*r)?;
@@ -111,14 +115,14 @@ impl GuestView {
         (host >= self.base && host < self.base + self.span).then(|| host - self.base)
     }
 
-    fn map_anon(&self, r: GpaRange) -> Result<(), ViewError> {
+    fn map_anon(&self, r: GpaRange, prot: libc::c_int) -> Result<(), ViewError> {
         // SAFETY: `r` lies inside our own reservation (checked by the
         // callers' RAM layout), so MAP_FIXED replaces only view memory.
         let p = unsafe {
             libc::mmap(
                 (self.base + r.start) as *mut libc::c_void,
                 r.len() as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
+                prot,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
                 -1,
                 0,
@@ -139,20 +143,55 @@ impl GuestView {
     /// registered for missing-page faults. The old pages are unmapped from
     /// the VMM and, through the host's MMU notifier, from KVM. Parts of `r`
     /// that are not RAM (legacy area, MMIO hole) are left alone.
+    ///
+    /// The replacement is created inaccessible, registered, and only then
+    /// opened: an access in between must not fault in a plain zero page
+    /// behind userfaultfd's back (that page would shadow the guest's frame).
+    /// A vCPU that hits the short inaccessible window sees EFAULT (or an
+    /// emulated access as MMIO) and retries; see [`GuestView::zap_window`].
     pub fn zap(&self, r: GpaRange) -> Result<(), ViewError> {
         assert!(r.end <= self.span, "zap {r:x?} outside the view");
-        for ram in &self.ram {
-            let part = GpaRange {
-                start: r.start.max(ram.start),
-                end: r.end.min(ram.end),
-            };
-            if part.is_empty() {
-                continue;
+        self.zaps.fetch_add(1, Ordering::SeqCst);
+        let res = (|| {
+            for ram in &self.ram {
+                let part = GpaRange {
+                    start: r.start.max(ram.start),
+                    end: r.end.min(ram.end),
+                };
+                if part.is_empty() {
+                    continue;
+                }
+                self.map_anon(part, libc::PROT_NONE)?;
+                self.uffd.register(self.base + part.start, part.len())?;
+                // SAFETY: `part` is inside our reservation.
+                let rc = unsafe {
+                    libc::mprotect(
+                        (self.base + part.start) as *mut libc::c_void,
+                        part.len() as usize,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                    )
+                };
+                if rc != 0 {
+                    return Err(ViewError::Map {
+                        what: "open",
+                        gpa: part.start,
+                        len: part.len(),
+                        err: std::io::Error::last_os_error(),
+                    });
+                }
             }
-            self.map_anon(part)?;
-            self.uffd.register(self.base + part.start, part.len())?;
-        }
-        Ok(())
+            Ok(())
+        })();
+        self.zaps.fetch_add(1, Ordering::SeqCst);
+        res
+    }
+
+    /// A counter that is odd while a zap is under way and changes with every
+    /// zap: a vCPU that got EFAULT (or an emulated access as MMIO) on guest
+    /// RAM retries when the counter was odd or moved since it entered the
+    /// guest.
+    pub fn zap_window(&self) -> u64 {
+        self.zaps.load(Ordering::SeqCst)
     }
 
     /// Map the pool's memfd at `file_offset` over `r` and populate the host
@@ -243,6 +282,20 @@ impl MmuNotifier for KvmMapping {
             // The guarantee cannot be kept: stop rather than let the guest
             // keep a translation to a frame that is about to be reused.
             log::error!("cannot unmap {:x?} from the guest: {e}", inv.range);
+            std::process::abort();
+        }
+    }
+
+    /// The view maps base pages (memfd 4 KiB pages, even inside a 2 MiB
+    /// extent), so a split changes nothing for KVM outside `changed`: only
+    /// those pages are zapped, the others stay reachable. (Zapping them too
+    /// would be correct, but on nested-PVM hosts the guest's page tables and
+    /// IDT briefly missing from the host makes KVM inject spurious faults.)
+    fn invalidate_range_start_split(&self, inv: &Invalidation, changed: GpaRange) {
+        let mut g = self.lock.lock();
+        g.invalidate_begin(inv.range);
+        if let Err(e) = self.view.zap(changed) {
+            log::error!("cannot unmap {changed:x?} from the guest: {e}");
             std::process::abort();
         }
     }

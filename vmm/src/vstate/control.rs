@@ -28,6 +28,8 @@ struct Inner {
     target: Target,
     /// vCPU threads currently parked (out of KVM_RUN, waiting for Run).
     parked: u32,
+    /// pthread → Linux thread id of each vCPU thread (for [`kick_is_safe`]).
+    tids: std::collections::HashMap<libc::pthread_t, i32>,
 }
 
 /// Shared run state of all vCPUs.
@@ -63,6 +65,7 @@ impl VcpuControl {
             inner: Mutex::new(Inner {
                 target: Target::Run,
                 parked: 0,
+                tids: Default::default(),
             }),
             cond: Condvar::new(),
         }
@@ -75,6 +78,13 @@ impl VcpuControl {
     /// The current target.
     pub fn target(&self) -> Target {
         self.lock().target
+    }
+
+    /// Called once by each vCPU thread: remember its thread id.
+    pub fn register_current_thread(&self) {
+        // SAFETY: pthread_self and gettid have no preconditions.
+        let (pt, tid) = unsafe { (libc::pthread_self(), libc::gettid()) };
+        self.lock().tids.insert(pt, tid);
     }
 
     /// Called by a vCPU thread before each KVM_RUN: blocks while paused.
@@ -106,7 +116,16 @@ impl VcpuControl {
             if self.lock().parked >= live {
                 return;
             }
-            kick(threads);
+            let tids = self.lock().tids.clone();
+            for t in threads.iter().filter(|t| !t.is_finished()) {
+                use std::os::unix::thread::JoinHandleExt;
+                if tids
+                    .get(&t.as_pthread_t())
+                    .is_none_or(|&tid| kick_is_safe(tid))
+                {
+                    let _ = t.kill(kick_signal());
+                }
+            }
             let g = self.lock();
             let _ = self.cond.wait_timeout(g, Duration::from_millis(2));
         }
@@ -134,6 +153,18 @@ impl VcpuControl {
         }
         threads.into_iter().map(|t| t.join()).collect()
     }
+}
+
+/// False while thread `tid` sleeps in the kernel on a userfaultfd fault
+/// (KVM resolving a guest page through the pager). On this project's
+/// nested-PVM hosts a signal that interrupts such a fault makes KVM inject a
+/// spurious #PF into the guest (seen as a guest #DF/triple fault with CR2 =
+/// RIP), so kicks wait until the fault is resolved (it always is: the pager
+/// runs independently). Stopping the VM kicks regardless.
+pub fn kick_is_safe(tid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/wchan"))
+        .map(|w| w.trim() != "handle_userfault")
+        .unwrap_or(true)
 }
 
 fn kick<T>(threads: &[JoinHandle<T>]) {

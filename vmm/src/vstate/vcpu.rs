@@ -81,7 +81,7 @@ pub struct MceState {
     pub vendor: mce::McaVendor,
     pending: Vec<std::sync::Mutex<Vec<PendingMce>>>,
     /// pthread of each vCPU thread while it is in its run loop (None outside).
-    threads: std::sync::Mutex<Vec<Option<libc::pthread_t>>>,
+    threads: std::sync::Mutex<Vec<Option<(libc::pthread_t, i32)>>>,
 }
 
 impl MceState {
@@ -158,11 +158,15 @@ impl MceState {
             {
                 let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
                 for &i in vcpus {
-                    if let (Some(Some(t)), true) = (threads.get(i as usize), self.is_pending(i)) {
+                    if let (Some(Some((t, tid))), true) =
+                        (threads.get(i as usize), self.is_pending(i))
+                    {
                         waiting = true;
-                        // SAFETY: the thread is inside its run loop: it
-                        // unregisters (under this lock) before it ends.
-                        unsafe { libc::pthread_kill(*t, super::control::kick_signal()) };
+                        if super::control::kick_is_safe(*tid) {
+                            // SAFETY: the thread is inside its run loop: it
+                            // unregisters (under this lock) before it ends.
+                            unsafe { libc::pthread_kill(*t, super::control::kick_signal()) };
+                        }
                     }
                 }
             }
@@ -173,7 +177,7 @@ impl MceState {
         }
     }
 
-    fn set_thread(&self, index: u32, t: Option<libc::pthread_t>) {
+    fn set_thread(&self, index: u32, t: Option<(libc::pthread_t, i32)>) {
         if let Some(slot) = self
             .threads
             .lock()
@@ -189,6 +193,43 @@ impl MceState {
             .get(index as usize)
             .map(|q| std::mem::take(&mut *q.lock().unwrap_or_else(|e| e.into_inner())))
             .unwrap_or_default()
+    }
+}
+
+enum RamAccess<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+}
+
+/// An emulated guest access (KVM reports it as MMIO) to guest RAM whose host
+/// page was not accessible at that moment (e.g. the guest view was being
+/// zapped): complete it through the device translation cache, i.e. through
+/// the fault path, like any device access. A poisoned page gets an
+/// action-required machine check, as a native access would.
+fn ram_access(
+    shared: &VcpuShared,
+    index: u32,
+    gpa: u64,
+    access: RamAccess<'_>,
+) -> Option<ExitReason> {
+    let Some(tlb) = shared.ram.device_tlb() else {
+        return Some(ExitReason::Internal(format!(
+            "vCPU {index}: emulated access to RAM {gpa:#x} with no memory to serve it"
+        )));
+    };
+    let r = match access {
+        RamAccess::Read(data) => tlb.read(gpa, data),
+        RamAccess::Write(data) => tlb.write(gpa, data),
+    };
+    match r {
+        Ok(()) => None,
+        Err(crate::memory::dma::DmaError::Poisoned(page)) => {
+            shared.mce.queue_for(index, mce::McAction::Required, page);
+            None
+        }
+        Err(e) => Some(ExitReason::Internal(format!(
+            "vCPU {index}: emulated access to RAM: {e}"
+        ))),
     }
 }
 
@@ -261,9 +302,10 @@ impl Vcpu {
     pub fn run(mut self) -> Self {
         mce::mark_vcpu_thread();
         self.shared.ram.register_vcpu_thread(self.index);
-        // SAFETY: pthread_self has no preconditions.
-        let me = unsafe { libc::pthread_self() };
+        // SAFETY: pthread_self and gettid have no preconditions.
+        let me = unsafe { (libc::pthread_self(), libc::gettid()) };
         self.shared.mce.set_thread(self.index, Some(me));
+        self.shared.control.register_current_thread();
         while self.shared.control.wait_runnable() {
             if let Some(reason) = self.run_once().or_else(|| self.deliver_machine_checks()) {
                 self.shared.exit.request(reason);
@@ -334,6 +376,17 @@ impl Vcpu {
     /// VM must end.
     fn run_once(&mut self) -> Option<ExitReason> {
         let index = self.index;
+        let window = self.shared.ram.zap_window();
+        // EFAULT (or a memory-fault exit) on guest RAM while the guest view
+        // was being zapped: the page was briefly inaccessible; enter again.
+        let transient = |shared: &VcpuShared| {
+            let now = shared.ram.zap_window();
+            let retry = now % 2 == 1 || now != window;
+            if retry {
+                std::thread::yield_now();
+            }
+            retry
+        };
         match self.fd.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoOut(port, data) => {
@@ -349,17 +402,26 @@ impl Vcpu {
                     None
                 }
                 VcpuExit::MmioRead(addr, data) => {
-                    if !self.shared.mmio.read(addr, data) {
+                    if self.shared.mmio.read(addr, data) {
+                        None
+                    } else if self.shared.ram.is_ram(addr) {
+                        ram_access(&self.shared, index, addr, RamAccess::Read(data))
+                    } else {
                         log::debug!("vCPU {index}: MMIO read at unclaimed {addr:#x}");
+                        None
                     }
-                    None
                 }
                 VcpuExit::MmioWrite(addr, data) => {
-                    if !self.shared.mmio.write(addr, data) {
+                    if self.shared.mmio.write(addr, data) {
+                        None
+                    } else if self.shared.ram.is_ram(addr) {
+                        ram_access(&self.shared, index, addr, RamAccess::Write(data))
+                    } else {
                         log::debug!("vCPU {index}: MMIO write at unclaimed {addr:#x}");
+                        None
                     }
-                    None
                 }
+                VcpuExit::MemoryFault { gpa, .. } if self.shared.ram.is_ram(gpa) && transient(&self.shared) => None,
                 VcpuExit::Hlt => None,
                 VcpuExit::Shutdown => Some(ExitReason::Crash(format!(
                     "vCPU {index}: triple fault (KVM_EXIT_SHUTDOWN); {}",
@@ -384,6 +446,7 @@ impl Vcpu {
                 self.fd.set_kvm_immediate_exit(0);
                 None
             }
+            Err(e) if e.errno() == libc::EFAULT && transient(&self.shared) => None,
             Err(e) => Some(ExitReason::Internal(format!("vCPU {index}: KVM_RUN failed: {e}"))),
         }
     }
