@@ -60,3 +60,60 @@ impl MmuNotifier for ShadowEpt {
         self.zap_locked(&mut g, GpaRange::new(0, GPA_LIMIT));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Backing, PrimaryMap};
+    use guestmem::notifier::InvalidateReason;
+
+    /// A primary that maps everything as 2 MiB blocks at host = gpa + 1 GiB.
+    struct Huge;
+    #[derive(Debug, thiserror::Error)]
+    #[error("never")]
+    struct Never;
+    impl PrimaryMap for Huge {
+        type Error = Never;
+        fn resolve(&self, gpa: u64, _cpu: usize) -> Result<Backing, Never> {
+            let base = gpa & !(HUGE_SIZE - 1);
+            Ok(Backing {
+                gpa_base: base,
+                order: HUGE_ORDER,
+                host_addr: base + (1 << 30),
+                frame: 0,
+                writable: true,
+            })
+        }
+    }
+
+    #[test]
+    fn split_invalidation_keeps_unchanged_pages_and_zaps_the_changed_one() {
+        let ept = ShadowEpt::new().unwrap();
+        let t = ept.fault(0x20_5000, false, 0, &Huge).unwrap();
+        assert_eq!(t.order, HUGE_ORDER);
+        let seq = ept.invalidate_seq();
+        let range = GpaRange::new(0x20_0000, HUGE_SIZE);
+        let changed = GpaRange::new(0x20_3000, 0x1000);
+        let inv = Invalidation {
+            range,
+            reason: InvalidateReason::Poison,
+        };
+        ept.invalidate_range_start_split(&inv, changed);
+        // Every page but the changed one is still reachable, as a 4 KiB leaf
+        // to the same host page; the changed one is gone.
+        for i in 0..512u64 {
+            let gpa = 0x20_0000 + i * 0x1000;
+            match ept.translate(gpa, false) {
+                Some(t) => {
+                    assert_ne!(gpa, changed.start);
+                    assert_eq!((t.order, t.host_addr_of(gpa)), (0, gpa + (1 << 30)));
+                }
+                None => assert_eq!(gpa, changed.start),
+            }
+        }
+        assert_eq!(ept.invalidations_in_progress(), 1);
+        ept.invalidate_range_end(&inv);
+        assert_eq!(ept.invalidations_in_progress(), 0);
+        assert!(ept.invalidate_seq() > seq);
+    }
+}
