@@ -139,6 +139,29 @@ impl GuestMemory {
         drop(self.write_space());
     }
 
+    /// Start the invalidation for changing the mapped `frame` alone: the
+    /// range covers its whole mapping of `order` (split if huge), only its
+    /// own page changes. Returns the frame's GFN and the guard.
+    fn begin_page_change(
+        &self,
+        frame: FrameId,
+        order: u32,
+        reason: InvalidateReason,
+    ) -> (u64, crate::notifier::InvalidateGuard) {
+        let gfn = self
+            .alloc
+            .desc(frame)
+            .gfn()
+            .expect("mapped frame has a reverse map");
+        let range = GpaRange::for_order(gfn << PAGE_SHIFT, order);
+        let changed = GpaRange::new(gfn << PAGE_SHIFT, crate::PAGE_SIZE);
+        (
+            gfn,
+            self.notifiers
+                .invalidate_range_start_split(range, changed, reason),
+        )
+    }
+
     /// Split the 2 MiB mapping headed by `head` (if it is one) into 4 KiB
     /// mappings, so the guest frame `gfn` can be changed alone. The caller
     /// holds an invalidation covering the whole huge mapping.
@@ -214,15 +237,8 @@ impl GuestMemory {
         if hd.state() != FrameState::Mapped {
             return MfOutcome::InUse;
         }
-        let d = self.alloc.desc(frame);
-        let gfn = d.gfn().expect("mapped frame has a reverse map");
-        d.set(MAPPED_AT_FAILURE);
-        let range = GpaRange::for_order(gfn << PAGE_SHIFT, order);
-        // Only the failing page changes; the rest of a huge mapping is split.
-        let changed = GpaRange::new(gfn << PAGE_SHIFT, crate::PAGE_SIZE);
-        let guard =
-            self.notifiers
-                .invalidate_range_start_split(range, changed, InvalidateReason::Poison);
+        self.alloc.desc(frame).set(MAPPED_AT_FAILURE);
+        let (gfn, guard) = self.begin_page_change(frame, order, InvalidateReason::Poison);
         {
             let mut s = self.write_space();
             self.split_if_huge(&mut s, gfn, head, order);
@@ -302,13 +318,8 @@ impl GuestMemory {
             }
         };
         self.lock_frame(head);
+        let (gfn, guard) = self.begin_page_change(frame, order, InvalidateReason::Migrate);
         let d = self.alloc.desc(frame);
-        let gfn = d.gfn().expect("mapped frame has a reverse map");
-        let range = GpaRange::for_order(gfn << PAGE_SHIFT, order);
-        let changed = GpaRange::new(gfn << PAGE_SHIFT, crate::PAGE_SIZE);
-        let guard =
-            self.notifiers
-                .invalidate_range_start_split(range, changed, InvalidateReason::Migrate);
         {
             let mut s = self.write_space();
             self.split_if_huge(&mut s, gfn, head, order);

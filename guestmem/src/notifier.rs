@@ -209,16 +209,9 @@ impl NotifierList {
         range: GpaRange,
         reason: InvalidateReason,
     ) -> InvalidateGuard {
-        let snapshot = self
-            .entries
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let inv = Invalidation { range, reason };
-        for e in &snapshot {
-            e.notifier.invalidate_range_start(&inv);
-        }
-        InvalidateGuard { snapshot, inv }
+        self.start_with(Invalidation { range, reason }, |n, inv| {
+            n.invalidate_range_start(inv)
+        })
     }
 
     /// Begin an invalidation of `range` that splits its huge mappings and
@@ -231,14 +224,25 @@ impl NotifierList {
         reason: InvalidateReason,
     ) -> InvalidateGuard {
         debug_assert!(range.start <= changed.start && changed.end <= range.end);
+        self.start_with(Invalidation { range, reason }, |n, inv| {
+            n.invalidate_range_start_split(inv, changed)
+        })
+    }
+
+    /// Call `start` on a snapshot of the subscribers; the guard calls `end`
+    /// on the same snapshot.
+    fn start_with(
+        &self,
+        inv: Invalidation,
+        start: impl Fn(&dyn MmuNotifier, &Invalidation),
+    ) -> InvalidateGuard {
         let snapshot = self
             .entries
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let inv = Invalidation { range, reason };
         for e in &snapshot {
-            e.notifier.invalidate_range_start_split(&inv, changed);
+            start(&*e.notifier, &inv);
         }
         InvalidateGuard { snapshot, inv }
     }

@@ -29,26 +29,25 @@ impl Drop for Guest {
 
 impl Guest {
     fn start(name: &str, balloon: &str, cmdline: &str) -> Guest {
+        Guest::spawn(
+            name,
+            &["--mem", "256", "--cmdline", cmdline, "--balloon", balloon],
+        )
+    }
+
+    /// `vmm run --guest balloon <args> --api-sock <tmp>`, stdout collected.
+    fn spawn(name: &str, args: &[&str]) -> Guest {
         let dir = temp_dir(name);
         let sock = dir.join("api.sock");
-        let mut child = vmm(&[
-            "run",
-            "--guest",
-            "balloon",
-            "--mem",
-            "256",
-            "--cmdline",
-            cmdline,
-            "--balloon",
-            balloon,
-            "--api-sock",
-            sock.to_str().unwrap(),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+        let mut all = vec!["run", "--guest", "balloon"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--api-sock", sock.to_str().unwrap()]);
+        let mut child = vmm(&all)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
         let out = Arc::new(Mutex::new(String::new()));
         let so = child.stdout.take().unwrap();
         let o = out.clone();
@@ -476,37 +475,19 @@ fn bench_inflate_deflate_throughput() {
     require_kvm!();
     const MIB_INFLATE: u64 = 512;
     for backing in ["guestmem", "anon"] {
-        let dir = temp_dir(&format!("balloon-bench-{backing}"));
-        let sock = dir.join("api.sock");
-        let mut child = vmm(&[
-            "run",
-            "--guest",
-            "balloon",
-            "--mem",
-            "768",
-            "--mem-backing",
-            backing,
-            "--cmdline",
-            "touch",
-            "--balloon",
-            "amount_mib=0,deflate_on_oom=false,stats_polling_interval_s=1",
-            "--api-sock",
-            sock.to_str().unwrap(),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-        let out = Arc::new(Mutex::new(String::new()));
-        let so = child.stdout.take().unwrap();
-        let o = out.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(so).lines().map_while(Result::ok) {
-                o.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-        wait_for_path(&sock, Duration::from_secs(10));
-        let mut g = Guest { child, sock, out };
+        let mut g = Guest::spawn(
+            &format!("balloon-bench-{backing}"),
+            &[
+                "--mem",
+                "768",
+                "--mem-backing",
+                backing,
+                "--cmdline",
+                "touch",
+                "--balloon",
+                "amount_mib=0,deflate_on_oom=false,stats_polling_interval_s=1",
+            ],
+        );
         g.wait_line("balloon: at target pages=0", 360);
         let (mut inf, mut def, mut rel) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..5 {

@@ -114,6 +114,17 @@ fn post_poison(vm: &Vmm, gpa: u64, kind: &str, action: &str) -> (u16, String, se
     (st, outcome, rep)
 }
 
+/// Start the `poison` guest (extra `vmm run` args) and wait until it names
+/// its target page; returns the VM and the target GPA.
+fn start_poison_guest(name: &str, args: &[&str]) -> (Vmm, u64) {
+    let mut all = vec!["--guest", "poison"];
+    all.extend_from_slice(args);
+    let mut vm = Vmm::start(name, &all);
+    let ready = vm.wait_line("poison: target gpa=", T);
+    let gpa = field(&ready, "gpa").expect("target gpa");
+    (vm, gpa)
+}
+
 /// Find the bank report line of the machine check for `gpa`.
 fn mce_line(out: &str, gpa: u64) -> String {
     out.lines()
@@ -125,9 +136,7 @@ fn mce_line(out: &str, gpa: u64) -> String {
 #[test]
 fn hard_poison_action_required_raises_a_recoverable_machine_check() {
     require_kvm!();
-    let mut vm = Vmm::start("poison-ar", &["--guest", "poison", "--mem", "64"]);
-    let ready = vm.wait_line("poison: target gpa=", T);
-    let gpa = field(&ready, "gpa").expect("target gpa");
+    let (mut vm, gpa) = start_poison_guest("poison-ar", &["--mem", "64"]);
     let (st, _, rep) = post_poison(&vm, gpa, "hard", "required");
     assert_eq!(st, 200, "{rep}");
     assert_eq!(rep["outcome"], "mapped", "{rep}");
@@ -184,19 +193,10 @@ fn hard_poison_action_required_raises_a_recoverable_machine_check() {
 #[test]
 fn hard_poison_action_optional_is_reported_at_once() {
     require_kvm!();
-    let mut vm = Vmm::start(
+    let (mut vm, gpa) = start_poison_guest(
         "poison-ao",
-        &[
-            "--guest",
-            "poison",
-            "--mem",
-            "64",
-            "--cmdline",
-            "mode=ao wait_ms=20000",
-        ],
+        &["--mem", "64", "--cmdline", "mode=ao wait_ms=20000"],
     );
-    let ready = vm.wait_line("poison: target gpa=", T);
-    let gpa = field(&ready, "gpa").expect("target gpa");
     vm.send("go\n");
     std::thread::sleep(Duration::from_millis(300));
     let (st, _, rep) = post_poison(&vm, gpa, "hard", "optional");
@@ -305,11 +305,9 @@ fn anonymous_backing_runs_the_same_guests() {
 #[test]
 fn reset_after_poison_gives_the_gpa_a_fresh_frame() {
     require_kvm!();
-    let mut vm = Vmm::start(
+    let (mut vm, gpa) = start_poison_guest(
         "poison-reset",
         &[
-            "--guest",
-            "poison",
             "--mem",
             "64",
             "--on-reset",
@@ -318,8 +316,6 @@ fn reset_after_poison_gives_the_gpa_a_fresh_frame() {
             "reset=1",
         ],
     );
-    let ready = vm.wait_line("poison: target gpa=", T);
-    let gpa = field(&ready, "gpa").unwrap();
     let (st, _, rep) = post_poison(&vm, gpa, "hard", "required");
     assert_eq!(
         (st, rep["outcome"].as_str()),
