@@ -54,26 +54,47 @@ void kit_ring0_write(const char *s, size_t n)
     }
 }
 
+/* Serial lock: holds the owner's CPU index + 1, so that whole lines from
+ * several CPUs never interleave. Ring 3 takes it per line; ring-0 printf
+ * (exception handlers) takes it for the whole message, except when the
+ * handler interrupted its own CPU's holder (then it writes unlocked, a
+ * harmless interleave instead of a deadlock). */
 static volatile u32 serial_lock;
 
-static void lock_serial(void)
+static u32 serial_owner_id(void)
 {
-    while (__atomic_exchange_n(&serial_lock, 1, __ATOMIC_ACQUIRE))
-        while (serial_lock)
-            kit_pause();
+    struct kit_cpu *c = kit_this_cpu();
+    return c ? c->index + 1 : 0xffffffffu;
 }
-static void unlock_serial(void) { __atomic_store_n(&serial_lock, 0, __ATOMIC_RELEASE); }
+
+/* Returns false if this CPU already holds the lock (nothing to release). */
+static bool lock_serial(void)
+{
+    u32 me = serial_owner_id();
+    if (serial_lock == me)
+        return false;
+    u32 free = 0;
+    while (!__atomic_compare_exchange_n(&serial_lock, &free, me, false, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+        free = 0;
+        kit_pause();
+    }
+    return true;
+}
+static void unlock_serial(bool taken)
+{
+    if (taken)
+        __atomic_store_n(&serial_lock, 0, __ATOMIC_RELEASE);
+}
 
 /* Ring 3 goes through the ud2 gate (one trap per write instead of two per byte). */
 void kit_serial_write(const char *s, size_t n)
 {
-    if (kit_cpl() == 0) {
+    bool taken = lock_serial();
+    if (kit_cpl() == 0)
         kit_ring0_write(s, n);
-        return;
-    }
-    lock_serial();
-    kit_gate(KIT_GATE_WRITE, (u64)s, n);
-    unlock_serial();
+    else
+        kit_gate(KIT_GATE_WRITE, (u64)s, n);
+    unlock_serial(taken);
 }
 
 int kit_serial_getc(void)
@@ -93,14 +114,10 @@ void kit_flush(void)
     }
 }
 
+/* Ring 3: per-CPU line buffer, written (under the serial lock) per line. */
 static void emit(char ch)
 {
     struct kit_cpu *c = kit_this_cpu();
-    if (kit_cpl() == 0 || !c) {
-        /* Ring 0 (handlers): unbuffered; best effort against a ring-3 holder of the lock. */
-        kit_ring0_write(&ch, 1);
-        return;
-    }
     c->line[c->linelen++] = ch;
     if (ch == '\n' || c->linelen == sizeof(c->line))
         kit_flush();
@@ -108,13 +125,24 @@ static void emit(char ch)
 
 /* ---- printf ---- */
 
+/* Output sink: a caller's buffer (snprintf), a ring-0 chunk written straight
+ * to the UART when full (`chunk`), or the ring-3 line buffer (buf == 0). */
 struct sink {
     char *buf;
     size_t n, pos;
+    bool chunk;
 };
 
 static void put(struct sink *s, char ch)
 {
+    if (s->chunk) {
+        s->buf[s->pos++] = ch;
+        if (s->pos == s->n) {
+            kit_ring0_write(s->buf, s->pos);
+            s->pos = 0;
+        }
+        return;
+    }
     if (s->buf) {
         if (s->pos + 1 < s->n)
             s->buf[s->pos] = ch;
@@ -206,8 +234,19 @@ static void vformat(struct sink *s, const char *f, __builtin_va_list ap)
 
 void kit_vprintf(const char *fmt, __builtin_va_list ap)
 {
-    struct sink s = {0, 0, 0};
+    if (kit_cpl() == 3 && kit_this_cpu()) {
+        struct sink s = {0, 0, 0, false};
+        vformat(&s, fmt, ap);
+        return;
+    }
+    /* Ring 0 (handlers, early boot): the whole message under the lock. */
+    char chunk[128];
+    struct sink s = {chunk, sizeof(chunk), 0, true};
+    bool taken = lock_serial();
     vformat(&s, fmt, ap);
+    if (s.pos)
+        kit_ring0_write(chunk, s.pos);
+    unlock_serial(taken);
 }
 
 void kit_printf(const char *fmt, ...)
@@ -220,7 +259,7 @@ void kit_printf(const char *fmt, ...)
 
 int kit_snprintf(char *buf, size_t n, const char *fmt, ...)
 {
-    struct sink s = {buf, n, 0};
+    struct sink s = {buf, n, 0, false};
     __builtin_va_list ap;
     __builtin_va_start(ap, fmt);
     vformat(&s, fmt, ap);
