@@ -55,6 +55,22 @@ fn debug_exit_codes_become_the_exit_status() {
         );
         assert_eq!(out.code(), code, "{out:?}");
     }
+    // Bytes above 63 would collide with vmm's own statuses (64 usage, 71
+    // guest crash, ...): they map to 72 and stderr names the value.
+    for code in [64, 71, 200] {
+        let cmdline = format!("exit={code}");
+        let out = run_vmm(
+            &["run", "--guest", "exitcode", "--cmdline", &cmdline],
+            b"",
+            T,
+        );
+        assert_eq!(out.code(), 72, "{out:?}");
+        assert!(
+            out.stderr.contains(&format!("wrote {code} ")),
+            "{}",
+            out.stderr
+        );
+    }
 }
 
 #[test]

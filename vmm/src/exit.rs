@@ -2,9 +2,10 @@
 //! threads and devices use to end the VM.
 //!
 //! Statuses (documented in README and docs/ARCHITECTURE.md):
-//! 0 guest shutdown/reset or debug-exit 0; `v` for debug-exit byte `v`;
-//! 64 bad configuration; 65 bad input file; 69 KVM unavailable;
-//! 70 internal VMM error; 71 guest crash.
+//! 0 guest shutdown/reset or debug-exit 0; `v` for debug-exit byte `v` in
+//! 1..=63; 64 bad configuration; 65 bad input file; 69 KVM unavailable;
+//! 70 internal VMM error; 71 guest crash; 72 debug-exit byte above 63
+//! (those would collide with the VMM's own statuses; stderr names it).
 
 use std::sync::Mutex;
 
@@ -20,6 +21,10 @@ pub const EXIT_UNAVAILABLE: i32 = 69;
 pub const EXIT_SOFTWARE: i32 = 70;
 /// Exit status when the guest crashed.
 pub const EXIT_GUEST_CRASH: i32 = 71;
+/// Exit status for a debug-exit byte above [`DEBUG_EXIT_MAX`].
+pub const EXIT_DEBUG_OUT_OF_RANGE: i32 = 72;
+/// Largest debug-exit byte passed through as the exit status.
+pub const DEBUG_EXIT_MAX: u8 = 63;
 
 /// Why the VM stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,7 +45,8 @@ impl ExitReason {
     /// The process exit status for this reason.
     pub fn status(&self) -> i32 {
         match self {
-            ExitReason::DebugExit(v) => i32::from(*v),
+            ExitReason::DebugExit(v) if *v <= DEBUG_EXIT_MAX => i32::from(*v),
+            ExitReason::DebugExit(_) => EXIT_DEBUG_OUT_OF_RANGE,
             ExitReason::Reset | ExitReason::Shutdown => 0,
             ExitReason::Crash(_) => EXIT_GUEST_CRASH,
             ExitReason::Internal(_) => EXIT_SOFTWARE,
@@ -103,6 +109,9 @@ mod tests {
     fn first_request_wins() {
         let s = ExitSignal::new().unwrap();
         assert_eq!(s.reason(), None);
+        assert_eq!(ExitReason::DebugExit(63).status(), 63);
+        assert_eq!(ExitReason::DebugExit(64).status(), EXIT_DEBUG_OUT_OF_RANGE);
+        assert_eq!(ExitReason::DebugExit(255).status(), EXIT_DEBUG_OUT_OF_RANGE);
         s.request(ExitReason::DebugExit(7));
         s.request(ExitReason::Reset);
         assert_eq!(s.reason(), Some(ExitReason::DebugExit(7)));

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use vmm::config::{KernelSource, VmConfig, DEFAULT_MEM_MIB};
-use vmm::exit::{ExitReason, EXIT_SOFTWARE, EXIT_USAGE};
+use vmm::exit::{ExitReason, DEBUG_EXIT_MAX, EXIT_DEBUG_OUT_OF_RANGE, EXIT_SOFTWARE, EXIT_USAGE};
 
 /// A minimal KVM VMM whose guest RAM is managed like Linux's page allocator.
 #[derive(Parser)]
@@ -119,6 +119,11 @@ fn run(a: RunArgs) -> i32 {
             match &reason {
                 ExitReason::Crash(s) => eprintln!("vmm: guest crashed: {s}"),
                 ExitReason::Internal(s) => eprintln!("vmm: internal error: {s}"),
+                ExitReason::DebugExit(v) if *v > DEBUG_EXIT_MAX => eprintln!(
+                    "vmm: the guest wrote {v} (0x{v:02x}) to the debug-exit port; values above \
+                     {DEBUG_EXIT_MAX} would collide with vmm's own exit statuses, so vmm exits \
+                     with {EXIT_DEBUG_OUT_OF_RANGE}"
+                ),
                 other => log::info!("guest exit: {other:?}"),
             }
             reason.status()
