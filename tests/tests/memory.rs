@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use vmm_tests::{field, require_kvm, run_vmm, Vmm};
+use vmm_tests::{field, require_kvm, rss_bytes, run_vmm, Vmm};
 
 const T: Duration = Duration::from_secs(90);
 
@@ -32,31 +32,38 @@ fn host_is_amd() -> bool {
 fn demand_paging_patterns_keep_contents() {
     require_kvm!();
     for pattern in ["seq", "random", "huge", "unaligned"] {
-        let cmdline = format!("pattern={pattern} verify=1 mib=48");
-        let out = run_vmm(
-            &[
-                "run",
-                "--guest",
-                "touch",
-                "--mem",
-                "128",
-                "--cmdline",
-                &cmdline,
-            ],
-            b"",
-            T,
+        let cmdline = format!("pattern={pattern} verify=1 mib=48 hold=1");
+        let mut vm = Vmm::start(
+            &format!("touch-{pattern}"),
+            &["--guest", "touch", "--mem", "128", "--cmdline", &cmdline],
         );
-        assert_eq!(out.code(), 0, "{pattern}: {out:?}");
+        vm.wait_line("touch: holding", T);
+        // Host side, with the guest's 48 MiB touched: the three views agree
+        // page by page, and guestmem's counters match the pool's host
+        // memory and the process's RSS.
+        let (st, check) = vm.api("GET", "/memory/check", None);
+        assert_eq!(st, 200, "{check}");
+        assert_eq!(check["ok"], true, "{pattern}: {check:#}");
+        let mapped = check["ept_mapped"].as_u64().unwrap();
+        assert!(mapped >= 48 * 256, "{pattern}: {check}");
+        assert_eq!(check["view_mapped"], mapped, "{pattern}: {check}");
+        let (_, mem) = vm.api("GET", "/memory", None);
+        let resident = mem["resident_bytes"].as_u64().unwrap();
+        let allocated = mem["frames"]["allocated"].as_u64().unwrap() * 4096;
         assert!(
-            out.stdout.contains("touch: ok"),
-            "{pattern}: {}",
-            out.stdout
+            resident.abs_diff(allocated) <= 4 << 20,
+            "{pattern}: pool holds {resident}, guestmem allocated {allocated}: {mem:#}"
         );
+        let rss = rss_bytes(vm.pid()).expect("VmRSS");
         assert!(
-            out.stdout.contains("signature_ok=1"),
-            "{pattern}: {}",
-            out.stdout
+            rss >= resident && rss <= resident + (64 << 20),
+            "{pattern}: VmRSS {rss} vs guest RAM resident {resident}"
         );
+        vm.send("done\n");
+        let (code, out, err) = vm.finish(T);
+        assert_eq!(code, 0, "{pattern}: {out}\n{err}");
+        assert!(out.contains("touch: ok"), "{pattern}: {out}");
+        assert!(out.contains("signature_ok=1"), "{pattern}: {out}");
     }
 }
 

@@ -8,8 +8,13 @@
 //!   frame's offset;
 //! - no shadow entry ⇒ the view maps no frame there (the guest cannot reach
 //!   the page without a fault);
+//! - where the view maps no memfd page, /proc/self/pagemap shows no page
+//!   present either: a write KVM let through into such a hole would land in
+//!   host memory guestmem does not own and be lost at the next fault;
 //!
-//! plus guestmem's own `check()` and host memory vs. frame counters.
+//! plus guestmem's own `check()` and host memory vs. frame counters, both
+//! ways (no free frame holds host memory, every allocated frame does; a few
+//! MiB of slack for batched releases).
 
 use std::os::fd::AsRawFd;
 
@@ -28,6 +33,8 @@ pub struct CheckReport {
     pub ept_mapped: u64,
     /// Pages the view maps to a frame.
     pub view_mapped: u64,
+    /// Pages present in the view (pagemap) outside any memfd mapping.
+    pub stray_pages: u64,
     /// Host memory held by the pool (bytes).
     pub resident_bytes: u64,
     /// Frames allocated or cached by guestmem, in bytes.
@@ -42,6 +49,24 @@ struct HostMapping {
     start: u64,
     end: u64,
     offset: u64,
+}
+
+/// Present bits (pagemap bit 63) of the pages in `[start, start + pages * 4 KiB)`
+/// of this process.
+fn present_pages(start: u64, pages: u64) -> std::io::Result<Vec<bool>> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open("/proc/self/pagemap")?;
+    let mut out = Vec::with_capacity(pages as usize);
+    let mut buf = vec![0u8; 8 * 4096];
+    let mut done = 0;
+    while done < pages {
+        let n = (pages - done).min(4096);
+        let chunk = &mut buf[..(n * 8) as usize];
+        f.read_exact_at(chunk, (start / guestmem::PAGE_SIZE + done) * 8)?;
+        out.extend(chunk.chunks_exact(8).map(|e| e[7] & 0x80 != 0));
+        done += n;
+    }
+    Ok(out)
 }
 
 /// The memfd mappings of the view: (start, end, file offset).
@@ -122,12 +147,27 @@ impl GuestRam {
                 .filter(|x| x.start <= h)
                 .map(|x| x.offset + (h - x.start))
         };
+        let present = match present_pages(base, span_end / guestmem::PAGE_SIZE) {
+            Ok(v) => v,
+            Err(e) => {
+                problem(&mut rep, format!("cannot read /proc/self/pagemap: {e}"));
+                Vec::new()
+            }
+        };
         for r in guestmem::GuestMemoryConfig::x86(self.bytes, 1).ram {
             let mut gpa = r.start;
             while gpa < r.end {
                 rep.pages += 1;
                 let view = host_offset(gpa);
                 rep.view_mapped += u64::from(view.is_some());
+                let idx = (gpa / guestmem::PAGE_SIZE) as usize;
+                if view.is_none() && present.get(idx).copied().unwrap_or(false) {
+                    rep.stray_pages += 1;
+                    problem(
+                        &mut rep,
+                        format!("gpa {gpa:#x}: a host page outside guestmem is present in the guest view"),
+                    );
+                }
                 match m.ept.peek(gpa) {
                     Some((t, _)) => {
                         rep.ept_mapped += 1;
@@ -179,7 +219,46 @@ impl GuestRam {
             );
             problem(&mut rep, msg);
         }
+        // ... and every allocated frame holds host memory (frames are
+        // populated when handed to the guest; cached free frames may not).
+        let allocated = s.allocated * guestmem::PAGE_SIZE;
+        if allocated > rep.resident_bytes + slack {
+            let msg = format!(
+                "{} KiB of frames are allocated but the pool holds only {} KiB of host memory",
+                allocated >> 10,
+                rep.resident_bytes >> 10
+            );
+            problem(&mut rep, msg);
+        }
         rep.ok = rep.problems.is_empty();
         rep
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::present_pages;
+
+    #[test]
+    fn pagemap_shows_touched_pages_only() {
+        let pages = 8u64;
+        // SAFETY: a fresh private anonymous mapping, unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                (pages * 4096) as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        // SAFETY: inside the mapping just created.
+        unsafe { p.cast::<u8>().add(3 * 4096).write_volatile(1) };
+        let v = present_pages(p as u64, pages).unwrap();
+        // SAFETY: the mapping created above.
+        unsafe { libc::munmap(p, (pages * 4096) as usize) };
+        assert_eq!(v, [false, false, false, true, false, false, false, false]);
     }
 }
