@@ -208,8 +208,26 @@ fn hard_poison_action_optional_is_reported_at_once() {
     // Either order is valid (a check that arrives before `go` counts too);
     // the pause makes the usual one, the guest already waiting, likely.
     std::thread::sleep(Duration::from_millis(300));
-    let (st, _, rep) = post_poison(&vm, gpa, "hard", "optional");
-    assert_eq!(st, 200, "{rep}");
+    // Through the CLI verb this time.
+    let sock = vm.sock.to_str().unwrap().to_string();
+    let gpa_hex = format!("{gpa:#x}");
+    let ctl = run_vmm(
+        &[
+            "ctl",
+            "--api-sock",
+            &sock,
+            "memory",
+            "poison",
+            "--gpa",
+            &gpa_hex,
+            "--action",
+            "optional",
+        ],
+        b"",
+        T,
+    );
+    assert_eq!(ctl.code(), 0, "{ctl:?}");
+    assert!(ctl.stdout.contains("\"outcome\""), "{}", ctl.stdout);
     let (code, out, err) = vm.finish(T);
     assert_eq!(code, 0, "{out}\n{err}");
     let l = mce_line(&out, gpa);

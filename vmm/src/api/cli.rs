@@ -31,8 +31,11 @@ pub enum CtlCommand {
     Pause,
     /// Resume paused vCPUs (PATCH /vm {"state":"Resumed"}).
     Resume,
-    /// Show guest memory information (GET /memory).
-    Memory,
+    /// Guest memory: information (default), invariant check, poison.
+    Memory {
+        #[command(subcommand)]
+        cmd: Option<MemoryCommand>,
+    },
     /// Send GET to an API path, e.g. `get /vm`.
     Get {
         /// API path, e.g. /vm.
@@ -64,6 +67,55 @@ pub enum CtlCommand {
         #[command(subcommand)]
         cmd: BalloonCommand,
     },
+}
+
+/// `vmm ctl memory ...`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum MemoryCommand {
+    /// Show guest memory information (GET /memory).
+    Show,
+    /// Compare guestmem, the shadow EPT and the host mappings (GET /memory/check).
+    Check,
+    /// Inject a memory failure (POST /memory/poison).
+    Poison {
+        /// Guest-physical address of the page, decimal or 0x-hex (4 KiB aligned).
+        #[arg(long, value_parser = parse_u64)]
+        gpa: u64,
+        /// hard: memory_failure(), the guest gets a machine check; soft:
+        /// soft_offline(), the page moves to a new frame.
+        #[arg(long, default_value = "hard", value_parser = ["hard", "soft"])]
+        kind: String,
+        /// For hard poison: required (reported at the guest's next access)
+        /// or optional (reported at once).
+        #[arg(long, default_value = "required", value_parser = ["required", "optional"])]
+        action: String,
+    },
+}
+
+fn parse_u64(s: &str) -> Result<u64, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|e| format!("{s:?} is not a number (decimal or 0x-hex): {e}"))
+}
+
+impl MemoryCommand {
+    /// The generic request this verb sends.
+    pub fn lower(&self) -> CtlCommand {
+        match self {
+            MemoryCommand::Show => CtlCommand::Get {
+                path: "/memory".into(),
+            },
+            MemoryCommand::Check => CtlCommand::Get {
+                path: "/memory/check".into(),
+            },
+            MemoryCommand::Poison { gpa, kind, action } => CtlCommand::Post {
+                path: "/memory/poison".into(),
+                body: serde_json::json!({"gpa": gpa, "kind": kind, "action": action}).to_string(),
+            },
+        }
+    }
 }
 
 /// `vmm ctl balloon ...`.
@@ -145,12 +197,13 @@ impl CtlCommand {
             CtlCommand::Info => ("GET", "/vm", None),
             CtlCommand::Pause => ("PATCH", "/vm", Some(r#"{"state":"Paused"}"#)),
             CtlCommand::Resume => ("PATCH", "/vm", Some(r#"{"state":"Resumed"}"#)),
-            CtlCommand::Memory => ("GET", "/memory", None),
+
             CtlCommand::Get { path } => ("GET", path, None),
             CtlCommand::Patch { path, body } => ("PATCH", path, Some(body)),
             CtlCommand::Put { path, body } => ("PUT", path, Some(body)),
             CtlCommand::Post { path, body } => ("POST", path, Some(body)),
-            // Lowered to a generic request by `run_with_output`.
+            // Lowered to generic requests by `run_with_output`.
+            CtlCommand::Memory { .. } => ("GET", "/memory", None),
             CtlCommand::Balloon { .. } => ("GET", "/balloon", None),
         }
     }
@@ -180,6 +233,10 @@ pub fn run_with_output(
     let lowered;
     let cmd = match cmd {
         CtlCommand::Balloon { cmd } => {
+            lowered = cmd.lower();
+            &lowered
+        }
+        CtlCommand::Memory { cmd: Some(cmd) } => {
             lowered = cmd.lower();
             &lowered
         }
@@ -250,6 +307,41 @@ mod tests {
         assert_eq!(a.cmd, CtlCommand::Info);
         let a = parse(&["vmm", "ctl", "--api-sock", "/s", "patch", "/vm", "{}"]);
         assert_eq!(a.cmd.request(), ("PATCH", "/vm", Some("{}")));
+        let a = parse(&["vmm", "ctl", "--api-sock", "/s", "memory"]);
+        assert_eq!(a.cmd.request(), ("GET", "/memory", None));
+        let a = parse(&[
+            "vmm",
+            "ctl",
+            "--api-sock",
+            "/s",
+            "memory",
+            "poison",
+            "--gpa",
+            "0x3000",
+            "--action",
+            "optional",
+        ]);
+        let CtlCommand::Memory { cmd: Some(m) } = a.cmd else {
+            panic!("{:?}", a.cmd)
+        };
+        let CtlCommand::Post { path, body } = m.lower() else {
+            panic!()
+        };
+        assert_eq!(path, "/memory/poison");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"gpa": 0x3000, "kind": "hard", "action": "optional"})
+        );
+        for bad in [
+            &["memory", "poison"][..],
+            &["memory", "poison", "--gpa", "12k"],
+            &["memory", "poison", "--gpa", "0", "--kind", "warm"],
+        ] {
+            let mut args = vec!["vmm", "ctl", "--api-sock", "/s"];
+            args.extend_from_slice(bad);
+            assert!(Top::try_parse_from(args).is_err(), "{bad:?}");
+        }
         assert!(Top::try_parse_from(["vmm", "ctl", "pause"]).is_err());
         assert!(Top::try_parse_from(["vmm", "ctl", "--api-sock", "/s", "patch", "/vm"]).is_err());
     }
