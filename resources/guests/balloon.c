@@ -504,6 +504,39 @@ static bool bad_input(void)
     return true;
 }
 
+/* ring_poison=1: name the inflate queue's descriptor-table page, wait for a
+ * line (the host poisons that page meanwhile), then notify the queue without
+ * touching the page again: the device must refuse the queue and ask for a
+ * reset (DEVICE_NEEDS_RESET) instead of the VMM dying on the poisoned page;
+ * then wait for one more line and exit 0. */
+static int ring_poison(void)
+{
+    /* One inflate buffer (an empty PFN list) posted but not notified: the
+     * device will have to read the descriptor from the poisoned page. */
+    struct desc *d = &inflateq->desc[inflateq->avail_idx % inflateq->size];
+    d->addr = (u64)pfnbuf[0];
+    d->len = 0;
+    d->flags = 0;
+    d->next = 0;
+    post(inflateq, (u16)(d - inflateq->desc));
+    kit_printf("balloon: ring_poison desc=0x%lx waiting\n", (u64)inflateq->desc);
+    while (kit_serial_getc() != '\n')
+        ;
+    notify(inflateq);
+    u64 khz = kit_tsc_khz(), t0 = kit_rdtsc();
+    while (!(rd(R_STATUS) & S_NEEDS_RESET)) {
+        if ((kit_rdtsc() - t0) / khz > 10000) {
+            kit_printf("balloon: FAIL no DEVICE_NEEDS_RESET after a poisoned ring page\n");
+            return KIT_EXIT_FAIL;
+        }
+        kit_udelay(1000);
+    }
+    kit_printf("balloon: ring_poison needs_reset; waiting\n");
+    while (kit_serial_getc() != '\n')
+        ;
+    return 0;
+}
+
 int guest_main(void)
 {
     bad_mode = kit_cmdline_flag("bad");
@@ -522,6 +555,8 @@ int guest_main(void)
     }
     used_lo = pool_lo;
     kit_printf("balloon: pool 0x%lx-0x%lx pages=%lu\n", pool_lo, pool_hi, pool_pages());
+    if (kit_cmdline_flag("ring_poison"))
+        return ring_poison();
     if (statsq)
         post_stats();
     if (bad_mode && !bad_input())

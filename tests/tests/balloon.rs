@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vmm_tests::{require_kvm, temp_dir, vmm, wait_for_path};
+use vmm_tests::{field, require_kvm, temp_dir, vmm, wait_for_path};
 
 const MIB: u64 = 1 << 20;
 
@@ -495,6 +495,39 @@ fn bad_guest_input_is_refused_counted_and_survived() {
     // And the device still follows the target.
     g.set_target(8);
     g.wait_actual(2048, 20);
+}
+
+#[test]
+fn poisoned_ring_page_needs_reset_and_the_vmm_survives() {
+    require_kvm!();
+    let mut g = Guest::start(
+        "balloon-ring-poison",
+        &format!("amount_mib=0,{STATS}"),
+        "ring_poison",
+    );
+    g.wait_line("balloon: ring_poison desc=", 60);
+    let out = g.output();
+    let line = out
+        .lines()
+        .find(|l| l.contains("ring_poison desc="))
+        .unwrap();
+    let desc = field(line, "desc").expect("desc=");
+    let body = format!(r#"{{"gpa":{desc},"kind":"hard","action":"required"}}"#);
+    let (st, rep) = g.api("POST", "/memory/poison", Some(&body));
+    assert_eq!(st, 200, "{rep}");
+    let mut send = |g: &mut Guest| g.child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    send(&mut g);
+    g.wait_line("balloon: ring_poison needs_reset", 60);
+    // Refused and counted; the VMM still answers and its memory is sound.
+    let s = g.stats();
+    assert_eq!(counter(&s, "bad_ring_pages"), 1, "{s}");
+    let (st, v) = g.api("GET", "/memory/check", None);
+    assert_eq!(st, 200);
+    assert_eq!(v["ok"], true, "{v}");
+    send(&mut g);
+    let st = g.child.wait().unwrap();
+    assert_eq!(st.code(), Some(0), "{}", g.output());
+    assert!(!g.output().contains("FAIL"), "{}", g.output());
 }
 
 /// Benchmark (not a test): inflate/deflate throughput and RSS released per

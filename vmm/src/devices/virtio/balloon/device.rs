@@ -131,6 +131,9 @@ pub struct BalloonCounters {
     pub bad_avail_index: u64,
     /// Statistics entries with an unknown tag.
     pub bad_stats_tags: u64,
+    /// Queues found with a ring page that is poisoned (hardware memory
+    /// failure) or not RAM: not processed, the device then needs a reset.
+    pub bad_ring_pages: u64,
     /// `release_range` refusals (should stay 0: ranges are validated first).
     pub release_errors: u64,
     /// Driver writes to read-only configuration fields.

@@ -22,6 +22,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::device::Balloon;
 use super::PFN_SHIFT;
+use crate::memory::dma::DmaError;
+
+const PAGE_SIZE: u64 = 1 << PFN_SHIFT;
 
 /// Largest buffer accepted in one descriptor (64 Ki PFNs = 256 MiB of pages).
 pub const MAX_DESC_BYTES: u32 = 256 << 10;
@@ -69,6 +72,29 @@ pub fn avail_index_ok(b: &mut Balloon, q: &Queue, mem: Mem<'_>) -> bool {
             false
         }
     }
+}
+
+/// Check, through the device TLB, that every page of `q`'s descriptor
+/// table and rings is RAM and not poisoned, faulting them in on the way, so
+/// that the ring accesses that follow never meet a poisoned page (which
+/// would be a SIGBUS in the VMM). `Err` names the first bad page.
+pub fn ring_pages_ok(b: &Balloon, q: &Queue) -> Result<(), DmaError> {
+    let Some(dma) = &b.dma else {
+        return Ok(());
+    };
+    let n = u64::from(q.size());
+    for (start, len) in [
+        (q.desc_table(), 16 * n),
+        (q.avail_ring(), 6 + 2 * n),
+        (q.used_ring(), 6 + 8 * n),
+    ] {
+        let mut page = start & !(PAGE_SIZE - 1);
+        while page < start.saturating_add(len) {
+            dma.read(page.max(start), &mut [0u8])?;
+            page += PAGE_SIZE;
+        }
+    }
+    Ok(())
 }
 
 fn page_in_ram(mem: Mem<'_>, gpa: u64, len: u64) -> bool {

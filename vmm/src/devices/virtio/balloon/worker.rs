@@ -225,6 +225,18 @@ impl PageReleaser for RamReleaser<'_> {
     }
 }
 
+/// [`queues::ring_pages_ok`], counted and logged on failure.
+fn ring_ok(device: &mut Balloon, q: &virtio_queue::Queue, idx: usize) -> bool {
+    match queues::ring_pages_ok(device, q) {
+        Ok(()) => true,
+        Err(e) => {
+            device.counters.bad_ring_pages += 1;
+            log::error!("balloon: queue {idx} not processed, device needs a reset: {e}");
+            false
+        }
+    }
+}
+
 const TIMER: u32 = MAX_QUEUES as u32;
 const REARM: u32 = TIMER + 1;
 
@@ -255,7 +267,7 @@ impl BalloonWorker {
         }
         let ok = {
             let MmioTransport { device, queues, .. } = &mut *t;
-            queues::avail_index_ok(device, &queues[idx], mem)
+            ring_ok(device, &queues[idx], idx) && queues::avail_index_ok(device, &queues[idx], mem)
         };
         if !ok {
             t.needs_reset();
@@ -291,6 +303,14 @@ impl BalloonWorker {
             return;
         };
         let mem = self.ram.mem();
+        let ok = {
+            let MmioTransport { device, queues, .. } = &mut *t;
+            ring_ok(device, &queues[idx], idx)
+        };
+        if !ok {
+            t.needs_reset();
+            return;
+        }
         let MmioTransport {
             device,
             queues,
