@@ -515,7 +515,7 @@ fn poisoned_ring_page_needs_reset_and_the_vmm_survives() {
     let body = format!(r#"{{"gpa":{desc},"kind":"hard","action":"required"}}"#);
     let (st, rep) = g.api("POST", "/memory/poison", Some(&body));
     assert_eq!(st, 200, "{rep}");
-    let mut send = |g: &mut Guest| g.child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let send = |g: &mut Guest| g.child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
     send(&mut g);
     g.wait_line("balloon: ring_poison needs_reset", 60);
     // Refused and counted; the VMM still answers and its memory is sound.
