@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use guestmem::notifier::GpaRange;
-use guestmem::notifier::NotifierId;
 use guestmem::{GuestMemory, GuestMemoryConfig};
 use mmu::ShadowEpt;
 use vm_memory::mmap::MmapRegion;
@@ -78,7 +77,6 @@ struct Managed {
     tlb: Arc<dma::DeviceTlb>,
     pager: Arc<Pager>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    subscriptions: Vec<NotifierId>,
     poison: poison::PoisonLog,
 }
 
@@ -160,12 +158,11 @@ impl GuestRam {
         let tlb = Arc::new(dma::DeviceTlb::new(gm.clone(), ept.clone()));
         // Subscribers: the shadow EPT, the KVM mapping, the device
         // translation cache. Order matters only for tracing: all of them
-        // drop their translations before the change.
-        let subscriptions = vec![
-            gm.notifiers().register(ept.clone()),
-            gm.notifiers().register(kvm.clone()),
-            gm.notifiers().register(tlb.clone()),
-        ];
+        // drop their translations before the change. They stay registered
+        // until `Drop` releases them all.
+        gm.notifiers().register(ept.clone());
+        gm.notifiers().register(kvm.clone());
+        gm.notifiers().register(tlb.clone());
         let pager = Arc::new(Pager {
             gm: gm.clone(),
             ept: ept.clone(),
@@ -192,7 +189,6 @@ impl GuestRam {
                 tlb,
                 pager,
                 thread: Mutex::new(Some(thread)),
-                subscriptions,
                 poison: poison::PoisonLog::default(),
             }),
         })
@@ -378,10 +374,10 @@ impl GuestRam {
 impl Drop for GuestRam {
     fn drop(&mut self) {
         self.stop_pager();
+        // Teardown (mmu_notifier_release): every subscriber drops its
+        // translations; the shadow EPT refuses faults from now on.
         if let Some(m) = &self.managed {
-            for id in &m.subscriptions {
-                m.gm.notifiers().unregister(*id);
-            }
+            m.gm.notifiers().release_all();
         }
     }
 }
