@@ -429,4 +429,53 @@ mod tests {
         assert_eq!(fields, documented);
         assert!(schemas["Error"]["properties"]["fault_message"].is_object());
     }
+
+    /// The top-level keys `value` serializes to are the schema's properties
+    /// (optional properties may be absent).
+    fn assert_schema_keys(name: &str, value: serde_json::Value) {
+        let doc = openapi();
+        let schema = &doc["components"]["schemas"][name];
+        let required = schema["required"].as_array().cloned().unwrap_or_default();
+        let mut fields: Vec<&String> = value.as_object().unwrap().keys().collect();
+        let mut documented: Vec<&String> = schema["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("schema {name} has no properties"))
+            .keys()
+            .filter(|k| value.get(*k).is_some() || required.iter().any(|r| r == *k))
+            .collect();
+        fields.sort();
+        documented.sort();
+        assert_eq!(fields, documented, "schema {name} vs the Rust type");
+    }
+
+    #[test]
+    fn openapi_memory_and_balloon_schemas_match_types() {
+        use crate::devices::virtio::balloon::worker::BalloonStatsReport;
+        use crate::devices::virtio::balloon::BalloonConfig;
+        let check = crate::memory::check::CheckReport::default();
+        assert_schema_keys("MemoryCheck", serde_json::to_value(check).unwrap());
+        let cfg = BalloonConfig::parse_cli("amount_mib=1,deflate_on_oom=true").unwrap();
+        assert_schema_keys("Balloon", serde_json::to_value(cfg).unwrap());
+        let stats = BalloonStatsReport {
+            target_pages: 0,
+            actual_pages: 0,
+            target_mib: 0,
+            actual_mib: 0,
+            guest: Default::default(),
+            counters: Default::default(),
+            transport: Default::default(),
+            ballooned_pages: 0,
+            negotiated_features: 0,
+        };
+        assert_schema_keys("BalloonStats", serde_json::to_value(stats).unwrap());
+        let poison = crate::memory::poison::PoisonReport {
+            gpa: Some(0),
+            kind: crate::memory::poison::PoisonKind::Hard,
+            action: crate::vstate::mce::McAction::Required,
+            outcome: "mapped".into(),
+            frame: 0,
+            inject_now: false,
+        };
+        assert_schema_keys("PoisonReport", serde_json::to_value(poison).unwrap());
+    }
 }
