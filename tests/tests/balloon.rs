@@ -498,6 +498,67 @@ fn bad_guest_input_is_refused_counted_and_survived() {
 }
 
 #[test]
+fn balloon_configured_through_the_api_before_instance_start() {
+    require_kvm!();
+    let mut g = Guest::spawn(
+        "balloon-preboot",
+        &["--mem", "256", "--cmdline", "", "--wait-for-start"],
+    );
+    let (st, vm) = g.api("GET", "/vm", None);
+    assert_eq!(
+        (st, vm["state"].as_str()),
+        (200, Some("NotStarted")),
+        "{vm}"
+    );
+    let (st, v) = g.api("GET", "/balloon", None);
+    assert_eq!(st, 400, "no balloon yet: {v}");
+    let (st, v) = g.api("PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
+    assert_eq!(st, 409, "{v}");
+    assert!(v["fault_message"]
+        .as_str()
+        .unwrap()
+        .contains("InstanceStart"));
+    let (st, v) = g.api(
+        "PUT",
+        "/balloon",
+        Some(r#"{"amount_mib":16,"deflate_on_oom":false,"stats_polling_interval_s":1}"#),
+    );
+    assert_eq!(st, 204, "{v}");
+    let (st, v) = g.api("PATCH", "/balloon", Some(r#"{"amount_mib":300}"#));
+    assert_eq!(st, 400, "larger than RAM: {v}");
+    g.set_target(32);
+    let (st, v) = g.api("PUT", "/actions", Some(r#"{"action_type":"InstanceHalt"}"#));
+    assert_eq!(st, 400, "{v}");
+    assert!(g.output().is_empty(), "the guest ran early: {}", g.output());
+    let ctl = vmm_tests::run_vmm(
+        &["ctl", "--api-sock", g.sock.to_str().unwrap(), "start"],
+        b"",
+        Duration::from_secs(30),
+    );
+    assert_eq!(ctl.code(), 0, "{ctl:?}");
+    // The device built at start has the configuration the API gave it.
+    g.wait_line("stats=1", 60);
+    g.wait_line("balloon: at target pages=8192", 120);
+    let (_, vm) = g.api("GET", "/vm", None);
+    assert_eq!(vm["state"], "Running", "{vm}");
+    let (_, cfg) = g.api("GET", "/balloon", None);
+    assert_eq!(
+        (
+            cfg["amount_mib"].as_u64(),
+            cfg["stats_polling_interval_s"].as_u64()
+        ),
+        (Some(32), Some(1)),
+        "{cfg}"
+    );
+    let (st, v) = g.api(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type":"InstanceStart"}"#),
+    );
+    assert_eq!(st, 409, "started twice: {v}");
+}
+
+#[test]
 fn poisoned_ring_page_needs_reset_and_the_vmm_survives() {
     require_kvm!();
     let mut g = Guest::start(

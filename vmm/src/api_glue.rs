@@ -113,19 +113,23 @@ fn balloon_err(e: crate::devices::virtio::balloon::worker::BalloonApiError) -> A
     ApiError::BadRequest(e.to_string())
 }
 
-/// Serve the API on `path` from the event loop `em`.
+/// The API server as the event loop holds it; the runner swaps its
+/// controller when the VM starts (`--wait-for-start`).
+pub type SharedServer = Arc<Mutex<ApiServer<Box<dyn VmController + Send>>>>;
+
+/// Serve the API on `path` from the event loop `em` with `controller`.
 pub fn serve(
     em: &mut EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     path: &Path,
-    vm: VmHandle,
-) -> Result<(), RunError> {
-    let server = ApiServer::new(path, Box::new(VmApi(vm)) as Box<dyn VmController + Send>)
-        .map_err(|e| match e {
-            ServerError::Io { .. } => RunError::Api(format!("{e}")),
-            other => RunError::Api(format!(
-                "{other}; choose another --api-sock path or remove the file"
-            )),
-        })?;
-    em.add_subscriber(Arc::new(Mutex::new(server)));
-    Ok(())
+    controller: Box<dyn VmController + Send>,
+) -> Result<SharedServer, RunError> {
+    let server = ApiServer::new(path, controller).map_err(|e| match e {
+        ServerError::Io { .. } => RunError::Api(format!("{e}")),
+        other => RunError::Api(format!(
+            "{other}; choose another --api-sock path or remove the file"
+        )),
+    })?;
+    let server = Arc::new(Mutex::new(server));
+    em.add_subscriber(server.clone());
+    Ok(server)
 }

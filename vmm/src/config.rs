@@ -41,6 +41,9 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// API socket path.
     pub api_sock: Option<PathBuf>,
+    /// Build nothing guest-visible until `PUT /actions InstanceStart`
+    /// (`--wait-for-start`; needs `api_sock`).
+    pub wait_for_start: bool,
     /// What backs guest RAM.
     pub mem_backing: crate::memory::RamBacking,
     /// What a guest reset does.
@@ -54,6 +57,9 @@ pub struct VmConfig {
 /// Configuration errors (exit status 64).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// `--wait-for-start` without an API socket.
+    #[error("--wait-for-start waits for PUT /actions on the API socket; add --api-sock PATH")]
+    WaitWithoutApi,
     /// RAM too small.
     #[error("--mem {0} MiB is too small: the guest needs at least {MIN_MEM_MIB} MiB")]
     MemTooSmall(u64),
@@ -129,6 +135,9 @@ impl VmConfig {
         }
         if let Some(b) = &self.balloon {
             b.validate(self.mem_mib)?;
+        }
+        if self.wait_for_start && self.api_sock.is_none() {
+            return Err(ConfigError::WaitWithoutApi);
         }
         if let KernelSource::Embedded(name) = &self.kernel {
             if crate::guests::find(name).is_none() {

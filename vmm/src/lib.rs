@@ -13,6 +13,7 @@ pub mod guests;
 pub mod layout;
 pub mod logger;
 pub mod memory;
+pub mod preboot;
 pub mod runner;
 pub mod stdin;
 pub mod terminal;

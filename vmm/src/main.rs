@@ -57,6 +57,11 @@ struct RunArgs {
     /// Serve the control API (HTTP/1.1 + JSON) on this Unix socket.
     #[arg(long)]
     api_sock: Option<PathBuf>,
+    /// Build nothing guest-visible until `PUT /actions {"action_type":
+    /// "InstanceStart"}` on the API socket (Firecracker's flow); until then
+    /// `PUT /balloon` may still create or change the balloon.
+    #[arg(long, requires = "api_sock")]
+    wait_for_start: bool,
     /// What backs guest RAM: guestmem frames demand-paged through the shadow
     /// EPT, or plain anonymous memory faulted in by KVM (benchmark baseline).
     #[arg(long, value_enum, default_value_t = vmm::memory::RamBacking::Guestmem)]
@@ -109,6 +114,7 @@ fn run(a: RunArgs) -> i32 {
         mem_mib: a.mem,
         vcpus: a.vcpus,
         api_sock: a.api_sock,
+        wait_for_start: a.wait_for_start,
         mem_backing: a.mem_backing,
         on_reset: a.on_reset,
         balloon: a.balloon,

@@ -20,6 +20,7 @@ use crate::config::{KernelSource, OnReset, VmConfig};
 use crate::devices::{self, Bus};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::memory::GuestRam;
+use crate::preboot::PreBoot;
 use crate::vstate::control::{self, VcpuControl};
 use crate::vstate::vcpu::{MceState, Vcpu, VcpuShared};
 use crate::vstate::vm::Vm;
@@ -164,9 +165,45 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, RunError> {
     cfg.validate()?;
     control::install_kick_handler().map_err(host("install the vCPU kick signal handler"))?;
     crate::vstate::mce::install_sigbus_handler().map_err(host("install the SIGBUS handler"))?;
+    let exit = Arc::new(ExitSignal::new().map_err(host("create the exit eventfd"))?);
+    let mut em: EventManager<Subscriber> = EventManager::new()
+        .map_err(|e| host("create the event loop")(std::io::Error::other(format!("{e:?}"))))?;
+    em.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
+    // `--wait-for-start`: serve the API first; it may still configure the
+    // balloon until InstanceStart.
+    let mut api = None;
+    let mut started_cfg;
+    let cfg = if cfg.wait_for_start {
+        let path = cfg.api_sock.as_deref().expect("validated");
+        let (preboot, pending) = PreBoot::new(cfg.vcpus, cfg.mem_mib, cfg.balloon.clone());
+        let server = crate::api_glue::serve(&mut em, path, Box::new(preboot))?;
+        log::info!(
+            "waiting for PUT /actions InstanceStart on {}",
+            path.display()
+        );
+        started_cfg = cfg.clone();
+        loop {
+            if let Err(e) = em.run() {
+                return Err(host("run the event loop")(std::io::Error::other(format!(
+                    "{e:?}"
+                ))));
+            }
+            if exit.reason().is_some() {
+                return Ok(exit.reason().expect("checked"));
+            }
+            let p = pending.lock().unwrap_or_else(|e| e.into_inner());
+            if p.start {
+                started_cfg.balloon = p.balloon.clone();
+                break;
+            }
+        }
+        api = Some(server);
+        &started_cfg
+    } else {
+        cfg
+    };
     let vm = Vm::new(cfg.vcpus)?;
     let mem_bytes = cfg.mem_mib << 20;
-    let exit = Arc::new(ExitSignal::new().map_err(host("create the exit eventfd"))?);
     let ram = Arc::new(GuestRam::new(
         mem_bytes,
         cfg.vcpus,
@@ -289,9 +326,6 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, RunError> {
     }
 
     // Event loop.
-    let mut em: EventManager<Subscriber> = EventManager::new()
-        .map_err(|e| host("create the event loop")(std::io::Error::other(format!("{e:?}"))))?;
-    em.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
     let stdin = std::io::stdin();
     let _raw = crate::terminal::RawMode::enter(stdin.as_raw_fd());
     em.add_subscriber(Arc::new(Mutex::new(crate::stdin::SerialInput::new(
@@ -315,8 +349,18 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, RunError> {
         balloon,
         assists: assists.clone(),
     };
-    if let Some(path) = &cfg.api_sock {
-        crate::api_glue::serve(&mut em, path, handle)?;
+    let controller = Box::new(crate::api_glue::VmApi(handle));
+    match (&api, &cfg.api_sock) {
+        (Some(server), _) => {
+            *server
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .controller_mut() = controller;
+        }
+        (None, Some(path)) => {
+            crate::api_glue::serve(&mut em, path, controller)?;
+        }
+        (None, None) => {}
     }
 
     threads.spawn(vcpus)?;

@@ -27,6 +27,8 @@ pub struct CtlArgs {
 pub enum CtlCommand {
     /// Show the VM state, vCPU count and memory size (GET /vm).
     Info,
+    /// Start a VM run with --wait-for-start (PUT /actions {"action_type":"InstanceStart"}).
+    Start,
     /// Pause all vCPUs (PATCH /vm {"state":"Paused"}).
     Pause,
     /// Resume paused vCPUs (PATCH /vm {"state":"Resumed"}).
@@ -195,6 +197,11 @@ impl CtlCommand {
     pub fn request(&self) -> (&'static str, &str, Option<&str>) {
         match self {
             CtlCommand::Info => ("GET", "/vm", None),
+            CtlCommand::Start => (
+                "PUT",
+                "/actions",
+                Some(r#"{"action_type":"InstanceStart"}"#),
+            ),
             CtlCommand::Pause => ("PATCH", "/vm", Some(r#"{"state":"Paused"}"#)),
             CtlCommand::Resume => ("PATCH", "/vm", Some(r#"{"state":"Resumed"}"#)),
 

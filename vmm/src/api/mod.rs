@@ -151,7 +151,19 @@ pub trait VmController {
         let _ = secs;
         Err(no_balloon())
     }
+    /// Start the guest (`PUT /actions {"action_type": "InstanceStart"}`);
+    /// only a VM started with `--wait-for-start` waits for it.
+    fn instance_start(&mut self) -> Result<(), ApiError> {
+        Err(ApiError::Conflict(
+            "the VM has already started (only `vmm run --wait-for-start` waits for InstanceStart)"
+                .into(),
+        ))
+    }
 }
+
+/// Why most requests are refused before `InstanceStart`.
+pub const NOT_STARTED: &str =
+    "the VM has not started; send PUT /actions {\"action_type\": \"InstanceStart\"} first";
 
 pub use crate::devices::virtio::balloon::BalloonConfig;
 
@@ -195,6 +207,9 @@ impl<T: VmController + ?Sized> VmController for Box<T> {
     }
     fn patch_balloon_stats(&mut self, secs: u16) -> Result<(), ApiError> {
         (**self).patch_balloon_stats(secs)
+    }
+    fn instance_start(&mut self) -> Result<(), ApiError> {
+        (**self).instance_start()
     }
 }
 

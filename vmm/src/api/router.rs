@@ -72,6 +72,11 @@ pub const ROUTES: &[Route] = &[
         path: "/balloon/statistics",
         handler: patch_balloon_stats,
     },
+    Route {
+        method: Method::Put,
+        path: "/actions",
+        handler: put_actions,
+    },
 ];
 
 fn get_vm(vm: &mut dyn VmController, req: &Request) -> Result<Response, ApiError> {
@@ -114,6 +119,26 @@ fn get_balloon(vm: &mut dyn VmController, req: &Request) -> Result<Response, Api
 
 fn put_balloon(vm: &mut dyn VmController, req: &Request) -> Result<Response, ApiError> {
     vm.put_balloon(json_body(req)?)?;
+    Ok(Response::no_content())
+}
+
+/// Body of `PUT /actions` (Firecracker's `InstanceActionInfo`; only
+/// `InstanceStart` here).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InstanceAction {
+    action_type: String,
+}
+
+fn put_actions(vm: &mut dyn VmController, req: &Request) -> Result<Response, ApiError> {
+    let a: InstanceAction = json_body(req)?;
+    if a.action_type != "InstanceStart" {
+        return Err(ApiError::BadRequest(format!(
+            "unsupported action_type {:?}; this VMM supports \"InstanceStart\"",
+            a.action_type
+        )));
+    }
+    vm.instance_start()?;
     Ok(Response::no_content())
 }
 

@@ -59,7 +59,7 @@ pub enum BalloonError {
 #[derive(Debug, thiserror::Error)]
 pub enum BalloonApiError {
     /// No device.
-    #[error("no balloon device: this VMM starts the guest at once, so the balloon must be configured on the command line (vmm run --balloon amount_mib=N,deflate_on_oom=true|false[,stats_polling_interval_s=N][,free_page_reporting=true|false])")]
+    #[error("no balloon device: configure it on the command line (vmm run --balloon amount_mib=N,deflate_on_oom=true|false[,stats_polling_interval_s=N][,free_page_reporting=true|false]) or, with vmm run --wait-for-start, by PUT /balloon before InstanceStart")]
     NotConfigured,
     /// PUT after the guest driver negotiated features.
     #[error("the balloon device cannot be reconfigured after the guest driver started (it negotiated features); use PATCH /balloon to change the target")]
