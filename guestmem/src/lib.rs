@@ -28,6 +28,7 @@ pub mod pcp;
 pub mod pool;
 pub mod space;
 mod sync;
+pub mod zero;
 
 pub use alloc::{AllocCounts, AllocError, FrameAllocator};
 pub use buddy::MAX_ORDER;
@@ -43,6 +44,7 @@ pub use oom::{OutOfMemory, ReclaimFn, ReclaimId, ReclaimRequest};
 pub use page_lock::{KillSignal, Killed, PageLocks};
 pub use pcp::PcpConfig;
 pub use pool::{Backing, FramePool, PoolError};
+pub use zero::ZeroReclaim;
 
 /// Size of a frame (a base page) in bytes.
 pub const PAGE_SIZE: u64 = 4096;

@@ -495,7 +495,7 @@ impl GuestMemory {
 
     /// Punch the host memory of released blocks (merging contiguous runs),
     /// mark them clean and free them to the zone.
-    fn punch_and_free(&self, mut blocks: Vec<(FrameId, u32)>) {
+    pub(crate) fn punch_and_free(&self, mut blocks: Vec<(FrameId, u32)>) {
         blocks.sort_unstable();
         let mut i = 0;
         while i < blocks.len() {

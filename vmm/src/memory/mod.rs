@@ -163,6 +163,15 @@ impl GuestRam {
         gm.notifiers().register(ept.clone());
         gm.notifiers().register(kvm.clone());
         gm.notifiers().register(tlb.clone());
+        // guestmem's OOM path: give zero pages back (the guest refaults
+        // fresh zero frames), a 2 MiB worth at a time.
+        let weak = Arc::downgrade(&gm);
+        gm.register_reclaim(Arc::new(move |req: &guestmem::ReclaimRequest| {
+            weak.upgrade().map_or(0, |gm| {
+                gm.reclaim_zero_pages(512u64.max(1 << req.order))
+                    .freed_frames
+            })
+        }));
         let pager = Arc::new(Pager {
             gm: gm.clone(),
             ept: ept.clone(),

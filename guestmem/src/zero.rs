@@ -1,0 +1,92 @@
+//! Zero-page reclaim: guest pages whose frames hold only zeros go back to
+//! the host (like KSM merging zero pages, or Linux's reclaim dropping clean
+//! pages it can rebuild). The guest loses nothing: its next access faults
+//! in a fresh zeroed frame. This is the reclaim callback the VMM registers
+//! for guestmem's OOM path.
+//!
+//! Protocol, per candidate mapping: a racy pre-check finds frames that look
+//! zero; then, inside one `invalidate_range_start/end` bracket over the
+//! whole mapping (`PAGE_SIZE << order`), no secondary MMU can reach the
+//! frame and nobody can write it, so the check is repeated there and only a
+//! frame that is still zero (and still mapped at the same place) is
+//! unmapped, freed and punched. Huge mappings are taken only when all 512
+//! frames are zero; they are never split for this.
+
+use crate::frame::FrameId;
+use crate::memory::GuestMemory;
+use crate::notifier::{GpaRange, InvalidateReason};
+use crate::space::Mapping;
+use crate::{PAGE_SHIFT, PAGE_SIZE};
+
+/// What [`GuestMemory::reclaim_zero_pages`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZeroReclaim {
+    /// Mappings that looked zero before the bracket.
+    pub candidates: u64,
+    /// Frames freed (all zero inside the bracket).
+    pub freed_frames: u64,
+    /// Candidates written meanwhile (kept).
+    pub raced: u64,
+}
+
+impl GuestMemory {
+    /// True when every byte of the `1 << order` frames at `frame` is zero.
+    /// Reads through the direct map with volatile loads: the guest may be
+    /// writing the frame concurrently (the answer is then only a hint).
+    fn frames_zero(&self, frame: FrameId, order: u32) -> bool {
+        let base = self.pool.host_addr(frame) as *const u64;
+        let words = ((PAGE_SIZE << order) / 8) as usize;
+        // SAFETY: `frame..frame + (1 << order)` is inside the pool's mapping
+        // (host_addr asserts the head; mapped blocks never cross the pool's
+        // end), which stays mapped while `self` lives; volatile reads of
+        // memory another agent may write are what this function promises.
+        (0..words).all(|i| unsafe { base.add(i).read_volatile() } == 0)
+    }
+
+    /// Release up to `max_pages` guest pages whose frames hold only zeros
+    /// (see the module docs). Never waits for another memory operation: if
+    /// one is running (it may be the allocation that asked for reclaim)
+    /// this returns at once with nothing done.
+    pub fn reclaim_zero_pages(&self, max_pages: u64) -> ZeroReclaim {
+        let mut rep = ZeroReclaim::default();
+        let Ok(_ops) = self.ops.try_lock() else {
+            return rep;
+        };
+        let candidates: Vec<Mapping> = {
+            let s = self.read_space();
+            let mut pages = 0u64;
+            s.mappings()
+                .filter(|m| self.frames_zero(m.frame, m.order))
+                .take_while(|m| {
+                    pages += 1 << m.order;
+                    pages <= max_pages.max(1 << m.order)
+                })
+                .collect()
+        };
+        rep.candidates = candidates.len() as u64;
+        let mut blocks = Vec::new();
+        for m in candidates {
+            let range = GpaRange::new(m.gfn << PAGE_SHIFT, PAGE_SIZE << m.order);
+            let guard = self
+                .notifiers
+                .invalidate_range_start(range, InvalidateReason::Release);
+            {
+                let mut s = self.write_space();
+                // Still the same mapping, still zero: nobody can write it now.
+                if s.lookup(m.gfn) == Some(m) && self.frames_zero(m.frame, m.order) {
+                    s.remove(m.gfn);
+                    self.unmap_desc(m);
+                    blocks.push((m.frame, m.order));
+                    rep.freed_frames += 1 << m.order;
+                } else {
+                    rep.raced += 1;
+                }
+            }
+            drop(guard);
+        }
+        self.punch_and_free(blocks);
+        self.released
+            .fetch_add(rep.freed_frames, std::sync::atomic::Ordering::Relaxed);
+        rep
+    }
+}
