@@ -3,7 +3,8 @@
  * scratch register (0x3ff, dx forms) and the PIT/speaker port 0x61 (imm8
  * forms); word/dword forms (imm8 and dx, with and without REX) must complete
  * and write the right part of RAX. Prints "portio: ok", exits 0; a mismatch
- * prints "portio: FAIL ..." and exits 1. */
+ * prints "portio: FAIL ..." and exits 1. With `reset` it instead checks
+ * that a guest reset restores the PICs (see reset_loop). */
 #include "kit/kit.h"
 
 #define FAIL(...)                          \
@@ -12,8 +13,25 @@
         return KIT_EXIT_FAIL;              \
     } while (0)
 
+/* reset=1: print the PIC masks, scribble on them, reset through the i8042.
+ * Under `vmm run --on-reset restart` every boot must print the power-on
+ * masks again (a reset restores the platform, not just RAM and vCPUs). */
+static int reset_loop(void)
+{
+    kit_printf("portio: pic imr master=0x%x slave=0x%x\n", inb(0x21), inb(0xa1));
+    outb(0x21, 0x5a);
+    outb(0xa1, 0xa5);
+    kit_flush();
+    outb(0x64, 0xfe);
+    kit_udelay(1000000);
+    kit_printf("portio: FAIL the i8042 reset did not happen\n");
+    return KIT_EXIT_FAIL;
+}
+
 int guest_main(void)
 {
+    if (kit_cmdline_flag("reset"))
+        return reset_loop();
     /* dx forms, byte: UART scratch register. */
     for (unsigned v = 0; v < 256; v += 0x55) {
         outb(0x3ff, (u8)v);

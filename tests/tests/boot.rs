@@ -136,3 +136,25 @@ fn guests_can_be_extracted_and_booted_from_a_file() {
         out.stdout
     );
 }
+
+#[test]
+fn guest_reset_restores_the_interrupt_controllers() {
+    require_kvm!();
+    let mut vm = vmm_tests::Vmm::start(
+        "reset-platform",
+        &[
+            "--guest",
+            "portio",
+            "--cmdline",
+            "reset",
+            "--on-reset",
+            "restart",
+        ],
+    );
+    // Each boot prints the masks it found, then sets others and resets.
+    let first = vm.wait_line("portio: pic imr", T);
+    for _ in 0..2 {
+        let again = vm.wait_line("portio: pic imr", T);
+        assert_eq!(again, first, "state survived a reset");
+    }
+}

@@ -383,6 +383,7 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, RunError> {
         resets += 1;
         log::warn!("guest reset #{resets}: restarting the guest");
         ram.reset();
+        vm.reset_platform()?;
         let entry = boot::load(ram.mem(), &spec)?;
         for (i, v) in vcpus.iter_mut().enumerate() {
             v.reset(ram.mem(), (i == 0).then_some(entry))?;

@@ -238,6 +238,8 @@ pub struct Vcpu {
     fd: VcpuFd,
     index: u32,
     shared: VcpuShared,
+    /// The local APIC as created (before LINT setup): what a reset restores.
+    power_on_lapic: kvm_bindings::kvm_lapic_state,
 }
 
 impl Vcpu {
@@ -264,13 +266,19 @@ impl Vcpu {
         }
         fd.set_cpuid2(&c).map_err(io_err("set CPUID"))?;
         let re = |err| VcpuError::Regs { index, err };
+        let power_on_lapic = fd.get_lapic().map_err(io_err("read the local APIC"))?;
         regs::setup_msrs(&fd).map_err(re)?;
         regs::setup_fpu(&fd).map_err(re)?;
         regs::setup_lint(&fd).map_err(re)?;
         if let Some(cap) = shared.mce.mcg_cap {
             mce::setup(&fd, cap).map_err(|e| VcpuError::Mce { index, err: e })?;
         }
-        Ok(Self { fd, index, shared })
+        Ok(Self {
+            fd,
+            index,
+            shared,
+            power_on_lapic,
+        })
     }
 
     /// Supported CPUID of this host's KVM.
@@ -335,6 +343,9 @@ impl Vcpu {
         self.fd
             .set_vcpu_events(&Default::default())
             .map_err(io_err("clear vCPU events"))?;
+        self.fd
+            .set_lapic(&self.power_on_lapic)
+            .map_err(io_err("reset the local APIC"))?;
         regs::setup_msrs(&self.fd).map_err(re)?;
         regs::setup_fpu(&self.fd).map_err(re)?;
         regs::setup_lint(&self.fd).map_err(re)?;

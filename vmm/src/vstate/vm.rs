@@ -48,6 +48,8 @@ pub struct Vm {
     pub kvm: Kvm,
     /// The VM file descriptor.
     pub fd: VmFd,
+    /// PIC master/slave, IOAPIC and PIT as created: what a reset restores.
+    power_on: (Vec<kvm_bindings::kvm_irqchip>, kvm_bindings::kvm_pit_state2),
 }
 
 /// Open /dev/kvm with an error that says how to fix the common failures.
@@ -92,7 +94,33 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(ioctl("create PIT"))?;
-        Ok(Self { kvm, fd })
+        // KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE, _IOAPIC.
+        let mut chips = Vec::new();
+        for chip_id in 0..3 {
+            let mut c = kvm_bindings::kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            fd.get_irqchip(&mut c).map_err(ioctl("read the irqchip"))?;
+            chips.push(c);
+        }
+        let pit = fd.get_pit2().map_err(ioctl("read the PIT"))?;
+        Ok(Self {
+            kvm,
+            fd,
+            power_on: (chips, pit),
+        })
+    }
+
+    /// Guest reset: PICs, IOAPIC and PIT back to their power-on state (what
+    /// a guest programmed, e.g. masks and redirections, must not survive).
+    pub fn reset_platform(&self) -> Result<(), VmError> {
+        for c in &self.power_on.0 {
+            self.fd.set_irqchip(c).map_err(ioctl("reset the irqchip"))?;
+        }
+        self.fd
+            .set_pit2(&self.power_on.1)
+            .map_err(ioctl("reset the PIT"))
     }
 
     /// Map `[gpa, gpa + len)` to host memory at `host_addr` as memslot `slot`.
