@@ -2,11 +2,15 @@
 //! `CARGO_TARGET_DIR=/work/targets/guestmem cargo bench -p guestmem --bench alloc`
 
 use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use buddy_system_allocator::{FrameAllocator as PeerAlloc, LockedFrameAllocator};
-use criterion::{criterion_group, criterion_main, Criterion};
-use guestmem::{FrameAllocator, GpaRange, GuestMemory, GuestMemoryConfig, MfFlags, PcpConfig};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
+use guestmem::{
+    FrameAllocator, GpaRange, GuestMemory, GuestMemoryConfig, MfFlags, MfOutcome, PcpConfig,
+};
 
 const FRAMES: u32 = 1 << 18; // 1 GiB of frames
 
@@ -67,20 +71,24 @@ fn failure(c: &mut Criterion) {
     cfg.extra_frames = 1024;
     let gm = GuestMemory::new(cfg).unwrap();
     let mut g = c.benchmark_group("failure");
-    g.bench_function("poison_frame_on_other_vcpu_list_incl_drain", |b| {
+    // The benchmarking thread owns list 2 (first use): the drain needs no
+    // membarrier for it, and lists 0, 1 and 3 have no owner yet.
+    g.bench_function("poison_frame_on_own_vcpu_list_incl_drain", |b| {
         b.iter_custom(|iters| {
             let mut t = Duration::ZERO;
             for _ in 0..iters {
                 let f = gm.alloc(2, 0).unwrap();
                 gm.free(2, f, 0).unwrap();
                 let s = Instant::now();
-                black_box(gm.memory_failure(f, MfFlags::default()).unwrap());
+                let out = gm.memory_failure(f, MfFlags::default()).unwrap();
                 t += s.elapsed();
+                assert_eq!(out, MfOutcome::PerCpuList);
                 gm.unpoison(f).unwrap();
             }
             t
         })
     });
+    remote_poison(&gm, &mut g);
     gm.resolve(0x1000, 0).unwrap();
     // The first soft offline splits the 2 MiB mapping; measure 4 KiB ones.
     let f = gm.frame_of_gpa(0x1000).unwrap();
@@ -101,6 +109,68 @@ fn failure(c: &mut Criterion) {
         })
     });
     g.finish();
+}
+
+/// List of the remote owner thread.
+const REMOTE_CPU: usize = 3;
+/// Request states: idle, "put a frame on your list", frame ready.
+const IDLE: u32 = 0;
+const WANT: u32 = 1;
+const READY: u32 = 2;
+
+/// memory_failure of a frame sitting on a list that another running thread
+/// owns and keeps using (alloc + free on its fast path): the drain takes
+/// that list remotely (`req` + membarrier + wait for the owner's section),
+/// like a poison reported while vCPU threads run. The owner puts the frame
+/// on its list on request; its churn (free its held frame, allocate it
+/// back) never takes the requested frame off the list.
+fn remote_poison(gm: &GuestMemory, g: &mut BenchmarkGroup<'_, WallTime>) {
+    let req = AtomicU32::new(IDLE);
+    let frame = AtomicU32::new(0);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // First use: this thread owns list REMOTE_CPU.
+            let mut held = gm.alloc(REMOTE_CPU, 0).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                if req.load(Ordering::Acquire) == WANT {
+                    let f = gm.alloc(REMOTE_CPU, 0).unwrap();
+                    gm.free(REMOTE_CPU, f, 0).unwrap();
+                    frame.store(f, Ordering::Relaxed);
+                    req.store(READY, Ordering::Release);
+                }
+                gm.free(REMOTE_CPU, held, 0).unwrap();
+                held = gm.alloc(REMOTE_CPU, 0).unwrap();
+            }
+            gm.free(REMOTE_CPU, held, 0).unwrap();
+        });
+        g.bench_function("poison_frame_on_remote_owners_list_incl_drain", |b| {
+            b.iter_custom(|iters| {
+                let mut t = Duration::ZERO;
+                for _ in 0..iters {
+                    req.store(WANT, Ordering::Release);
+                    let mut spins = 0u32;
+                    while req.load(Ordering::Acquire) != READY {
+                        spins += 1;
+                        if spins.is_multiple_of(64) {
+                            std::thread::yield_now();
+                        } else {
+                            std::hint::spin_loop();
+                        }
+                    }
+                    req.store(IDLE, Ordering::Relaxed);
+                    let f = frame.load(Ordering::Relaxed);
+                    let s = Instant::now();
+                    let out = gm.memory_failure(f, MfFlags::default()).unwrap();
+                    t += s.elapsed();
+                    assert_eq!(out, MfOutcome::PerCpuList, "frame {f} left the list");
+                    gm.unpoison(f).unwrap();
+                }
+                t
+            })
+        });
+        stop.store(true, Ordering::Relaxed);
+    });
 }
 
 criterion_group! {

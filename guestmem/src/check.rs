@@ -48,6 +48,9 @@ pub struct Stats {
     pub oom_failures: u64,
     /// Reclaim callback invocations.
     pub reclaim_runs: u64,
+    /// Page locks handed off to a waiter that lost
+    /// [`UNFAIRNESS`](crate::page_lock::UNFAIRNESS) wake-ups (cumulative).
+    pub page_lock_handoffs: u64,
     /// Bytes of host memory the pool's memfd holds.
     pub resident_bytes: u64,
 }
@@ -112,6 +115,7 @@ impl GuestMemory {
             oom_events: self.oom.events.load(Ordering::Relaxed),
             oom_failures: self.oom.failures.load(Ordering::Relaxed),
             reclaim_runs: self.oom.reclaim_runs.load(Ordering::Relaxed),
+            page_lock_handoffs: self.locks.handoffs(),
             resident_bytes: self.pool.resident_bytes(),
         }
     }

@@ -41,7 +41,7 @@ pub use memory::{
 };
 pub use notifier::{GpaRange, InvalidateReason, Invalidation, MmuNotifier, NotifierList};
 pub use oom::{OutOfMemory, ReclaimFn, ReclaimId, ReclaimRequest};
-pub use page_lock::{KillSignal, Killed, PageLocks};
+pub use page_lock::{Acquired, KillSignal, Killed, PageLocks};
 pub use pcp::PcpConfig;
 pub use pool::{Backing, FramePool, PoolError};
 pub use zero::ZeroReclaim;

@@ -9,7 +9,11 @@
 //!   be unlocked) and the first exclusive waiter (one at a time).
 //! - Bounded unfairness: a woken exclusive waiter races with new lockers; a
 //!   waiter that lost [`UNFAIRNESS`] times gets the lock *handed off*: the
-//!   unlocker sets the bit on its behalf before waking it.
+//!   unlocker (which has already cleared the bit, like Linux's
+//!   `folio_unlock` + `wake_page_function`) sets the bit again on the
+//!   waiter's behalf before waking it, so from that point until the waiter
+//!   unlocks nobody else can take it. Handoffs are counted
+//!   ([`PageLocks::handoffs`]).
 //! - Killable lock ([`PageLocks::lock_killable`]): a waiter that was woken
 //!   must try to take the bit, and if it gets it returns success even when a
 //!   kill is pending; only a waiter that did not get the bit honours the
@@ -20,11 +24,15 @@
 use std::collections::VecDeque;
 
 use crate::frame::{FrameDesc, FrameId, LOCKED, WAITERS};
-use crate::sync::{lock, Arc, AtomicBool, Condvar, Mutex, Ordering};
+use crate::sync::{lock, Arc, AtomicBool, AtomicU64, Condvar, Mutex, Ordering};
 
 /// Wake-ups an exclusive waiter may lose to lock stealers before the lock is
 /// handed to it (Linux `sysctl_page_lock_unfairness` default).
+#[cfg(not(feature = "loom"))]
 pub const UNFAIRNESS: u32 = 5;
+/// 1 under loom, so a model with one lock stealer reaches the handoff.
+#[cfg(feature = "loom")]
+pub const UNFAIRNESS: u32 = 1;
 
 #[cfg(not(feature = "loom"))]
 const BUCKETS: usize = 256;
@@ -111,9 +119,30 @@ pub struct Killed {
     pub frame: FrameId,
 }
 
+/// How [`PageLocks::lock_how`] got the lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Acquired {
+    /// The bit was free on the first try: no queueing.
+    Uncontended,
+    /// The caller took the bit itself after queueing (or on the re-check
+    /// under the queue lock); `lost` wake-ups went to stealers first.
+    Waited {
+        /// Wake-ups lost before the bit was taken.
+        lost: u32,
+    },
+    /// An unlocker handed the lock over (set the bit for the caller) after
+    /// it lost `lost` (at least [`UNFAIRNESS`]) wake-ups.
+    HandedOff {
+        /// Wake-ups lost before the handoff.
+        lost: u32,
+    },
+}
+
 /// The hashed wait queues.
 pub struct PageLocks {
     buckets: Box<[Mutex<VecDeque<Arc<Waiter>>>]>,
+    /// Locks handed off to a waiter by an unlocker (statistics, tests).
+    handoffs: AtomicU64,
 }
 
 impl Default for PageLocks {
@@ -127,7 +156,24 @@ impl PageLocks {
     pub fn new() -> Self {
         Self {
             buckets: (0..BUCKETS).map(|_| Mutex::new(VecDeque::new())).collect(),
+            handoffs: AtomicU64::new(0),
         }
+    }
+
+    /// Locks handed off so far (an unlocker set the bit for a waiter that
+    /// had lost [`UNFAIRNESS`] wake-ups). Counted before the waiter is
+    /// woken, so a handed-off waiter that returned is always counted.
+    pub fn handoffs(&self) -> u64 {
+        self.handoffs.load(Ordering::Relaxed)
+    }
+
+    /// Waiters (shared and exclusive) queued on `frame` right now (takes
+    /// the queue lock; for tests and diagnostics).
+    pub fn queued(&self, frame: FrameId) -> usize {
+        lock(self.bucket(frame))
+            .iter()
+            .filter(|w| w.frame == frame)
+            .count()
     }
 
     fn bucket(&self, frame: FrameId) -> &Mutex<VecDeque<Arc<Waiter>>> {
@@ -150,9 +196,18 @@ impl PageLocks {
 
     /// Take the lock, sleeping while another holder has it.
     pub fn lock(&self, d: &FrameDesc, frame: FrameId) {
-        if !self.try_lock(d) {
-            let r = self.wait(d, frame, true, None);
-            debug_assert!(r.is_ok());
+        self.lock_how(d, frame);
+    }
+
+    /// [`PageLocks::lock`], reporting how the lock was obtained (for tests
+    /// and statistics).
+    pub fn lock_how(&self, d: &FrameDesc, frame: FrameId) -> Acquired {
+        if self.try_lock(d) {
+            return Acquired::Uncontended;
+        }
+        match self.wait(d, frame, true, None) {
+            Ok(how) => how,
+            Err(_) => unreachable!("a lock without a kill signal is never killed"),
         }
     }
 
@@ -164,8 +219,18 @@ impl PageLocks {
         frame: FrameId,
         kill: &KillSignal,
     ) -> Result<(), Killed> {
+        self.lock_killable_how(d, frame, kill).map(|_| ())
+    }
+
+    /// [`PageLocks::lock_killable`], reporting how the lock was obtained.
+    pub fn lock_killable_how(
+        &self,
+        d: &FrameDesc,
+        frame: FrameId,
+        kill: &KillSignal,
+    ) -> Result<Acquired, Killed> {
         if self.try_lock(d) {
-            return Ok(());
+            return Ok(Acquired::Uncontended);
         }
         if kill.is_killed() {
             return Err(Killed { frame });
@@ -210,6 +275,10 @@ impl PageLocks {
                 }
                 woke_exclusive = true;
                 let handoff = w.lost >= UNFAIRNESS && self.try_lock(d);
+                if handoff {
+                    // Before the wake: the waiter sees its handoff counted.
+                    self.handoffs.fetch_add(1, Ordering::Relaxed);
+                }
                 let w = q.remove(i).expect("index in range");
                 w.wake(if handoff { HANDOFF } else { WOKEN });
             } else {
@@ -228,7 +297,7 @@ impl PageLocks {
         frame: FrameId,
         exclusive: bool,
         kill: Option<&KillSignal>,
-    ) -> Result<(), Killed> {
+    ) -> Result<Acquired, Killed> {
         let mut lost = 0;
         loop {
             let me = {
@@ -238,10 +307,10 @@ impl PageLocks {
                 // sees WAITERS and wakes us through this queue.
                 if exclusive {
                     if self.try_lock(d) {
-                        return Ok(());
+                        return Ok(Acquired::Waited { lost });
                     }
                 } else if d.raw() & LOCKED == 0 {
-                    return Ok(());
+                    return Ok(Acquired::Waited { lost });
                 }
                 let me = Arc::new(Waiter {
                     frame,
@@ -276,16 +345,16 @@ impl PageLocks {
                 // Woken concurrently: fall through to the woken path.
             }
             match me.get() {
-                HANDOFF => return Ok(()),
+                HANDOFF => return Ok(Acquired::HandedOff { lost }),
                 _ if !exclusive => {
                     if d.raw() & LOCKED == 0 {
-                        return Ok(());
+                        return Ok(Acquired::Waited { lost });
                     }
                 }
                 _ => {
                     // Take the bit before looking at a pending kill.
                     if self.try_lock(d) {
-                        return Ok(());
+                        return Ok(Acquired::Waited { lost });
                     }
                     if kill.is_some_and(|k| k.is_killed()) {
                         return Err(Killed { frame });

@@ -4,9 +4,12 @@
 #![cfg(feature = "loom")]
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize as StdAtomicUsize, Ordering as StdOrdering};
 
-use guestmem::{FrameAllocator, KillSignal, PageLocks, PcpConfig};
-use loom::sync::atomic::{AtomicUsize, Ordering};
+use guestmem::frame::LOCKED;
+use guestmem::page_lock::UNFAIRNESS;
+use guestmem::{Acquired, FrameAllocator, KillSignal, PageLocks, PcpConfig};
+use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use loom::sync::Arc;
 use loom::thread;
 
@@ -240,4 +243,141 @@ fn poison_vs_owner_fast_free() {
         }
         assert_eq!(seen.len(), 3);
     });
+}
+
+/// Shared state of the handoff model: who holds frame 0's lock (0 = nobody,
+/// checked on every acquisition), how many handoffs were consumed by the
+/// waiter they were made for, and the acquisition log.
+#[derive(Default)]
+struct Holder {
+    owner: AtomicUsize,
+    consumed: AtomicU64,
+    log: std::sync::Mutex<Vec<(usize, Acquired)>>,
+}
+
+impl Holder {
+    /// Called right after `who` got frame 0's lock.
+    fn enter(&self, a: &FrameAllocator, locks: &PageLocks, who: usize, how: Acquired) {
+        assert_eq!(
+            self.owner.swap(who, Ordering::SeqCst),
+            0,
+            "mutual exclusion: {who} got the lock while someone held it"
+        );
+        assert!(a.desc(0).has(LOCKED), "lock bit clear while held");
+        // A handoff sets the bit for the waiter before waking it and is
+        // counted before the wake. Any acquisition while a handoff is not
+        // yet consumed by its waiter is a third party taking a handed-off
+        // lock.
+        let pending = locks.handoffs() - self.consumed.load(Ordering::SeqCst);
+        match how {
+            Acquired::HandedOff { lost } => {
+                assert!(lost >= UNFAIRNESS, "handoff after {lost} lost wake-ups");
+                assert_eq!(pending, 1, "handoff not counted before the wake");
+                self.consumed.fetch_add(1, Ordering::SeqCst);
+            }
+            _ => assert_eq!(
+                pending, 0,
+                "{who} ({how:?}) took a lock handed off to a waiter"
+            ),
+        }
+        self.log.lock().unwrap().push((who, how));
+    }
+
+    fn leave(&self, who: usize) {
+        assert_eq!(self.owner.swap(0, Ordering::SeqCst), who);
+    }
+}
+
+/// Page-lock handoff (UNFAIRNESS is 1 under loom). The main thread holds
+/// frame 0's lock while W1 then W2 queue (in that order, FIFO), then
+/// unlocks and tries twice to steal the lock back. A woken waiter that
+/// loses to the stealer is queued again and must get the lock handed off:
+/// - mutual exclusion holds, and the bit is set whenever someone holds it;
+/// - between the unlocker setting the bit for the waiter and the waiter
+///   running, nobody else (stealer or other waiter) gets the lock;
+/// - the first waiter is woken first: W2 can get the lock before W1 only
+///   after the stealer got it (the first unlock wakes W1 alone);
+/// - every handoff is consumed by its waiter, and the lock ends free.
+///
+/// Across the executions the handoff, W2 overtaking a requeued W1 and a
+/// steal attempt while a handoff was pending must all have been reached.
+#[test]
+fn page_lock_handoff_fifo_and_no_third_party() {
+    static HANDOFF_RUNS: StdAtomicUsize = StdAtomicUsize::new(0);
+    static OVERTAKEN_RUNS: StdAtomicUsize = StdAtomicUsize::new(0);
+    static WINDOW_PROBES: StdAtomicUsize = StdAtomicUsize::new(0);
+    model(|| {
+        let a = Arc::new(FrameAllocator::new(
+            2,
+            0,
+            1,
+            PcpConfig { high: 1, batch: 1 },
+        ));
+        let locks = Arc::new(PageLocks::new());
+        let h = Arc::new(Holder::default());
+        assert!(locks.try_lock(a.desc(0)));
+        let waiter = |who: usize| {
+            let (a, locks, h) = (a.clone(), locks.clone(), h.clone());
+            thread::spawn(move || {
+                let how = locks.lock_how(a.desc(0), 0);
+                h.enter(&a, &locks, who, how);
+                h.leave(who);
+                locks.unlock(a.desc(0), 0);
+            })
+        };
+        let w1 = waiter(1);
+        while locks.queued(0) < 1 {
+            thread::yield_now();
+        }
+        let w2 = waiter(2);
+        while locks.queued(0) < 2 {
+            thread::yield_now();
+        }
+        locks.unlock(a.desc(0), 0);
+        // The third party: steal whenever the bit is free.
+        for _ in 0..2 {
+            let pending = locks.handoffs() > h.consumed.load(Ordering::SeqCst);
+            if locks.try_lock(a.desc(0)) {
+                h.enter(&a, &locks, 3, Acquired::Uncontended);
+                h.leave(3);
+                locks.unlock(a.desc(0), 0);
+            } else if pending {
+                WINDOW_PROBES.fetch_add(1, StdOrdering::Relaxed);
+            }
+        }
+        w1.join().unwrap();
+        w2.join().unwrap();
+        let log = h.log.lock().unwrap().clone();
+        let pos = |who| log.iter().position(|&(w, _)| w == who).unwrap();
+        assert_eq!(log.iter().filter(|&&(w, _)| w != 3).count(), 2, "{log:?}");
+        let (p1, p2) = (pos(1), pos(2));
+        if p2 < p1 {
+            // FIFO: the first unlock wakes W1, the head of the queue, so W2
+            // can only be woken (and overtake W1) by a later unlock, i.e.
+            // after the stealer got the lock.
+            assert_eq!(log[0].0, 3, "W2 woken before W1: {log:?}");
+            if matches!(
+                log[p1].1,
+                Acquired::HandedOff { .. } | Acquired::Waited { lost: 1.. }
+            ) {
+                // W1 lost its wake-up and was queued again behind W2.
+                OVERTAKEN_RUNS.fetch_add(1, StdOrdering::Relaxed);
+            }
+        }
+        let handoffs = locks.handoffs();
+        assert_eq!(handoffs, h.consumed.load(Ordering::SeqCst));
+        if handoffs > 0 {
+            HANDOFF_RUNS.fetch_add(1, StdOrdering::Relaxed);
+        }
+        assert!(locks.try_lock(a.desc(0)), "lock left held: {log:?}");
+    });
+    let (handoffs, overtaken, probes) = (
+        HANDOFF_RUNS.load(StdOrdering::Relaxed),
+        OVERTAKEN_RUNS.load(StdOrdering::Relaxed),
+        WINDOW_PROBES.load(StdOrdering::Relaxed),
+    );
+    eprintln!("handoff runs {handoffs}, W1 requeued behind W2 {overtaken}, window probes {probes}");
+    assert!(handoffs > 0, "no execution reached the handoff");
+    assert!(overtaken > 0, "no execution requeued a woken waiter");
+    assert!(probes > 0, "no steal attempt while a handoff was pending");
 }

@@ -24,6 +24,9 @@ enum Op {
     Migrate { page: u64 },
     SplitPrimary { slot: u64 },
     SplitEpt { page: u64 },
+    // Poison / soft offline / partial release of `pages` pages (fresh
+    // frames when `mig`, else none) through a split-aware invalidation.
+    ChangePages { page: u64, pages: u64, mig: bool },
     WriteProtect { page: u64, pages: u64 },
     Age,
 }
@@ -36,6 +39,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..PAGES).prop_map(|page| Op::Migrate { page }),
         1 => (0..4u64).prop_map(|slot| Op::SplitPrimary { slot }),
         1 => (0..PAGES).prop_map(|page| Op::SplitEpt { page }),
+        2 => (0..PAGES, prop_oneof![3 => Just(1u64), 1 => 1..700u64], any::<bool>())
+            .prop_map(|(page, pages, mig)| Op::ChangePages { page, pages, mig }),
         1 => (0..PAGES, 1..700u64).prop_map(|(page, pages)| Op::WriteProtect { page, pages }),
         1 => Just(Op::Age),
     ]
@@ -128,6 +133,34 @@ proptest! {
                             }
                         }
                         _ => prop_assert!(!split),
+                    }
+                }
+                Op::ChangePages { page, pages, mig } => {
+                    let changed = GpaRange::new(page * PAGE_SIZE, pages * PAGE_SIZE);
+                    let before = ept.stats().splits;
+                    let (cover, old) = p.change_range(changed, mig);
+                    // The EPT splits its 2 MiB leaves in the invalidated
+                    // range (children keep frame, permissions) and zaps only
+                    // the changed pages.
+                    let huge: Vec<_> = m
+                        .iter()
+                        .filter(|&(&b, v)| v.0 == HUGE_ORDER
+                            && GpaRange::new(b, HUGE_SIZE).overlaps(&cover))
+                        .map(|(&b, v)| (b, v.1, v.2))
+                        .collect();
+                    prop_assert_eq!(ept.stats().splits - before, huge.len() as u64);
+                    for (b, h, w) in huge {
+                        m.remove(&b);
+                        for i in 0..512 {
+                            m.insert(b + i * PAGE_SIZE, (0, h + i * PAGE_SIZE, w));
+                        }
+                    }
+                    model_zap(&mut m, changed);
+                    // No leaf left to an old frame of a changed page.
+                    for (g, _, host) in old {
+                        if let Some((t, _)) = ept.peek(g) {
+                            prop_assert_ne!(t.host_addr_of(g), host);
+                        }
                     }
                 }
                 Op::WriteProtect { page, pages } => {

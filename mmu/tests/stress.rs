@@ -8,7 +8,7 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::{assert_consistent, FlatPrimary};
+use common::{assert_consistent, assert_consistent_in, FlatPrimary};
 use guestmem::notifier::{GpaRange, InvalidateReason};
 use guestmem::PAGE_SIZE;
 use mmu::{FaultError, ShadowEpt, HUGE_SIZE};
@@ -82,7 +82,7 @@ fn faults_readers_and_invalidations_keep_invariants() {
     while i < 10_000 || progress.iter().any(|c| c.load(Ordering::Relaxed) < 100) {
         i += 1;
         let gpa = rng(&mut s) % LIMIT;
-        let old = match i % 4 {
+        let old = match i % 5 {
             0 => p.migrate(gpa).into_iter().collect(),
             1 => p.unmap(
                 GpaRange::new(gpa & !(PAGE_SIZE - 1), PAGE_SIZE * (1 + rng(&mut s) % 600)),
@@ -91,6 +91,30 @@ fn faults_readers_and_invalidations_keep_invariants() {
             2 => {
                 p.split(gpa);
                 Vec::new()
+            }
+            3 => {
+                // Poison / soft offline / partial release of a few pages
+                // inside a 2 MiB mapping the faulters are using: half the
+                // time make the slot a 2 MiB mapping (and leaf) again first,
+                // as `split` and earlier changes leave it in 4 KiB pages.
+                let mut old = Vec::new();
+                if rng(&mut s).is_multiple_of(2) {
+                    let slot = GpaRange::new(gpa & !(HUGE_SIZE - 1), HUGE_SIZE);
+                    old = p.unmap(slot, InvalidateReason::Release);
+                    p.allow_huge(slot.start);
+                    match ept.fault(gpa, false, 2, &*p) {
+                        Ok(_) | Err(FaultError::Retry { .. }) => {}
+                        Err(e) => panic!("fault at {gpa:#x}: {e}"),
+                    }
+                }
+                let changed =
+                    GpaRange::new(gpa & !(PAGE_SIZE - 1), PAGE_SIZE * (1 + rng(&mut s) % 3));
+                let (cover, changed_old) = p.change_range(changed, rng(&mut s).is_multiple_of(2));
+                old.extend(changed_old);
+                // The rest of the invalidated range kept its frames: any
+                // leaf there maps what the primary maps (or is absent).
+                assert_consistent_in(&ept, &p, cover);
+                old
             }
             _ => {
                 let _ = ept.split_huge(gpa);
@@ -123,8 +147,9 @@ fn faults_readers_and_invalidations_keep_invariants() {
     assert_eq!(ept.invalidations_in_progress(), 0);
     assert_consistent(&ept, &p);
     let st = ept.stats();
+    eprintln!("{i} primary changes, {counts:?} worker iterations, {st:?}");
     assert!(
-        st.installs_4k > 0 && st.installs_2m > 0 && st.zapped_leaves > 0,
+        st.installs_4k > 0 && st.installs_2m > 0 && st.zapped_leaves > 0 && st.splits > 0,
         "{st:?}"
     );
 }

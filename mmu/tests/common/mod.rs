@@ -164,6 +164,63 @@ impl FlatPrimary {
         guard.end();
         done
     }
+
+    /// Let the 2 MiB slot of `gpa` be populated with a huge block again
+    /// once it is empty.
+    pub fn allow_huge(&self, gpa: u64) {
+        self.lock().huge_slots.insert(gpa / HUGE_SIZE);
+    }
+
+    /// Change the frames of `changed` only, the way guestmem's memory
+    /// failure, soft offline and `release_range` do: one split-aware
+    /// invalidation ([`NotifierList::invalidate_range_start_split`]) whose
+    /// range covers every mapping overlapping `changed` (huge ones whole);
+    /// huge mappings are split into 4 KiB mappings of the same frames, then
+    /// every page of `changed` gets a fresh frame (`migrate`) or is
+    /// unmapped. Pages of the range outside `changed` keep their frames.
+    /// Returns the invalidated range and the old (page, 0, host) of every
+    /// changed page that was mapped.
+    pub fn change_range(
+        &self,
+        changed: GpaRange,
+        migrate: bool,
+    ) -> (GpaRange, Vec<(u64, u32, u64)>) {
+        let (cover, _) = Self::covering(&self.lock(), changed);
+        let reason = if migrate {
+            InvalidateReason::Migrate
+        } else {
+            InvalidateReason::Poison
+        };
+        let guard = self
+            .list
+            .invalidate_range_start_split(cover, changed, reason);
+        let old = {
+            let mut inner = self.lock();
+            let (_, maps) = Self::covering(&inner, changed);
+            let mut old = Vec::new();
+            for (b, o, h) in maps {
+                inner.maps.remove(&b);
+                if o == HUGE_ORDER {
+                    inner.huge_slots.remove(&(b / HUGE_SIZE));
+                }
+                for i in 0..1u64 << o {
+                    let (g, host) = (b + i * PAGE_SIZE, h + i * PAGE_SIZE);
+                    if !changed.overlaps(&GpaRange::new(g, PAGE_SIZE)) {
+                        inner.maps.insert(g, (0, host));
+                        continue;
+                    }
+                    old.push((g, 0, host));
+                    if migrate {
+                        let new = Self::alloc(&mut inner, 0);
+                        inner.maps.insert(g, (0, new));
+                    }
+                }
+            }
+            old
+        };
+        guard.end();
+        (cover, old)
+    }
 }
 
 impl PrimaryMap for FlatPrimary {
@@ -203,7 +260,14 @@ impl PrimaryMap for FlatPrimary {
 /// Check that every leaf of `ept` in `[0, limit)` agrees with the primary map
 /// page by page (EPT ⊆ primary). Call with no invalidation running.
 pub fn assert_consistent(ept: &mmu::ShadowEpt, primary: &FlatPrimary) {
-    for t in ept.mappings(GpaRange::new(0, primary.limit)) {
+    assert_consistent_in(ept, primary, GpaRange::new(0, primary.limit));
+}
+
+/// [`assert_consistent`] for the leaves overlapping `range`. Faults may run
+/// concurrently (they only install what the primary maps); no other thread
+/// may change the primary map meanwhile.
+pub fn assert_consistent_in(ept: &mmu::ShadowEpt, primary: &FlatPrimary, range: GpaRange) {
+    for t in ept.mappings(range) {
         let mut p = t.gpa_base;
         while p < t.gpa_base + t.len() {
             assert_eq!(
