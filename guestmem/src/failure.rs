@@ -133,10 +133,12 @@ impl GuestMemory {
     }
 
     /// Every list lock and the space lock once: after this, a state read
-    /// of a poisoned frame is stable (see `alloc.rs`).
-    fn poison_barrier(&self) {
-        self.alloc.barrier();
+    /// of a poisoned frame is stable (see `alloc.rs`). A frame found on a
+    /// per-vCPU list is drained in the same pass; returns whether it was.
+    fn poison_barrier(&self, frame: FrameId) -> bool {
+        let drained = self.alloc.barrier_drain_if_pcp(frame);
         drop(self.write_space());
+        drained
     }
 
     /// Start the invalidation for changing the mapped `frame` alone: the
@@ -185,8 +187,7 @@ impl GuestMemory {
             return Ok(MfOutcome::AlreadyPoisoned);
         }
         self.alloc.poisoned.fetch_add(1, Ordering::Relaxed);
-        self.poison_barrier();
-        let mut drained = false;
+        let mut drained = self.poison_barrier(frame);
         loop {
             {
                 let mut zone = self.alloc.lock_zone();
