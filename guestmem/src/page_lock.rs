@@ -20,6 +20,14 @@
 //!   kill. So an exclusive wake-up is never lost (the Linux v4.13 "page
 //!   waitqueue race": a woken waiter that bailed out on a signal left the
 //!   others sleeping on a free page).
+//!
+//! Why not `parking_lot_core`'s address-keyed park/unpark: its queues are
+//! FIFO too, but a handoff needs the unlocker to act for one specific
+//! waiter (set the bit, then wake exactly it) and a killable waiter must
+//! leave its queue atomically with respect to that; the std `Mutex` +
+//! `Condvar` per bucket used here makes those steps explicit and runs
+//! unchanged under loom, which models std's primitives but not
+//! parking_lot's.
 
 use std::collections::VecDeque;
 
