@@ -21,13 +21,12 @@
 //!   waitqueue race": a woken waiter that bailed out on a signal left the
 //!   others sleeping on a free page).
 //!
-//! Why not `parking_lot_core`'s address-keyed park/unpark: its queues are
-//! FIFO too, but a handoff needs the unlocker to act for one specific
-//! waiter (set the bit, then wake exactly it) and a killable waiter must
-//! leave its queue atomically with respect to that; the std `Mutex` +
-//! `Condvar` per bucket used here makes those steps explicit and runs
-//! unchanged under loom, which models std's primitives but not
-//! parking_lot's.
+//! Why not `parking_lot_core`'s address-keyed park/unpark: it could express
+//! all of this (its unpark callback runs under the bucket lock, which is how
+//! parking_lot's own fair unlock hands off), but the std `Mutex` + `Condvar`
+//! buckets used here run unchanged under loom, which models std's
+//! primitives and not parking_lot_core's global hash table; the handoff and
+//! killable-wake models in `tests/loom.rs` check this very code.
 
 use std::collections::VecDeque;
 
