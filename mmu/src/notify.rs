@@ -35,7 +35,14 @@ impl MmuNotifier for ShadowEpt {
                         st.stats.splits += u64::from(split);
                         st.stats.table_pages = st.store.pages();
                     }
-                    // No table page for the split: zap the leaf whole.
+                    // No table page for the split (only if the heap
+                    // handed out an address at or above HOST_ADDR_LIMIT,
+                    // 2^52: not possible for x86-64 user space, which ends
+                    // at 2^47, or 2^56 with LA57 and a high mmap hint):
+                    // zap the leaf whole so no translation to a changed
+                    // frame survives. Subscribers that keep the unchanged
+                    // pages (the VMM's KVM view) then map pages this table
+                    // lacks, which the VMM's checker reports.
                     Err(_) => {
                         self.zap_locked(st, GpaRange::new(gpa, HUGE_SIZE));
                     }
