@@ -92,6 +92,19 @@ static void post(struct vq *q, u16 head)
 }
 static void notify(struct vq *q) { wr(R_QUEUE_NOTIFY, q->index); }
 
+/* Poll the status register until the device sets DEVICE_NEEDS_RESET;
+ * false after timeout_ms. */
+static bool wait_needs_reset(u64 timeout_ms)
+{
+    u64 khz = kit_tsc_khz(), t0 = kit_rdtsc();
+    while (!(rd(R_STATUS) & S_NEEDS_RESET)) {
+        if ((kit_rdtsc() - t0) / khz > timeout_ms)
+            return false;
+        kit_udelay(1000);
+    }
+    return true;
+}
+
 /* Wait until the device used everything posted; returns false on timeout. */
 static bool wait_used(struct vq *q, u64 timeout_ms)
 {
@@ -480,13 +493,9 @@ static bool bad_input(void)
     inflateq->avail[1] = inflateq->avail_idx;
     mb();
     notify(inflateq);
-    u64 khz = kit_tsc_khz(), t0 = kit_rdtsc();
-    while (!(rd(R_STATUS) & S_NEEDS_RESET)) {
-        if ((kit_rdtsc() - t0) / khz > 5000) {
-            kit_printf("balloon: FAIL device did not set DEVICE_NEEDS_RESET after a bad avail index\n");
-            return false;
-        }
-        kit_udelay(1000);
+    if (!wait_needs_reset(5000)) {
+        kit_printf("balloon: FAIL device did not set DEVICE_NEEDS_RESET after a bad avail index\n");
+        return false;
     }
     wr(R_INT_ACK, rd(R_INT_STATUS));
     kit_printf("balloon: bad avail_index -> needs reset\n");
@@ -523,13 +532,9 @@ static int ring_poison(void)
     while (kit_serial_getc() != '\n')
         ;
     notify(inflateq);
-    u64 khz = kit_tsc_khz(), t0 = kit_rdtsc();
-    while (!(rd(R_STATUS) & S_NEEDS_RESET)) {
-        if ((kit_rdtsc() - t0) / khz > 10000) {
-            kit_printf("balloon: FAIL no DEVICE_NEEDS_RESET after a poisoned ring page\n");
-            return KIT_EXIT_FAIL;
-        }
-        kit_udelay(1000);
+    if (!wait_needs_reset(10000)) {
+        kit_printf("balloon: FAIL no DEVICE_NEEDS_RESET after a poisoned ring page\n");
+        return KIT_EXIT_FAIL;
     }
     kit_printf("balloon: ring_poison needs_reset; waiting\n");
     while (kit_serial_getc() != '\n')
