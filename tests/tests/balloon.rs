@@ -559,6 +559,38 @@ fn balloon_configured_through_the_api_before_instance_start() {
 }
 
 #[test]
+fn ctl_balloon_verbs_drive_the_device() {
+    require_kvm!();
+    let mut g = Guest::start("balloon-ctl", &format!("amount_mib=0,{STATS}"), "");
+    g.wait_line("balloon: ready", 60);
+    let sock = g.sock.to_str().unwrap().to_string();
+    let ctl = |args: &[&str]| {
+        let mut all = vec!["ctl", "--api-sock", &sock, "balloon"];
+        all.extend_from_slice(args);
+        vmm_tests::run_vmm(&all, b"", Duration::from_secs(30))
+    };
+    let out = ctl(&["set", "16"]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    g.wait_actual(16 * 256, 30);
+    let out = ctl(&["show"]);
+    let v: Value = serde_json::from_str(&out.stdout).expect("JSON on stdout");
+    assert_eq!(v["amount_mib"], 16, "{v}");
+    let out = ctl(&["stats"]);
+    let v: Value = serde_json::from_str(&out.stdout).expect("JSON on stdout");
+    assert_eq!(v["actual_pages"], 16 * 256, "{v}");
+    let out = ctl(&["stats-interval", "2"]);
+    assert_eq!(out.code(), 0, "{out:?}");
+    let (_, cfg) = g.api("GET", "/balloon", None);
+    assert_eq!(cfg["stats_polling_interval_s"], 2, "{cfg}");
+    // Refused requests: exit status 1 and the server's reason on stderr.
+    let out = ctl(&["configure", "--amount-mib", "8"]);
+    assert_eq!(out.code(), 1, "{out:?}");
+    assert!(out.stderr.contains("400"), "{}", out.stderr);
+    let out = ctl(&["set", "100000"]);
+    assert_eq!(out.code(), 1, "{out:?}");
+}
+
+#[test]
 fn poisoned_ring_page_needs_reset_and_the_vmm_survives() {
     require_kvm!();
     let mut g = Guest::start(
