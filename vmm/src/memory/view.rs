@@ -25,7 +25,7 @@ use super::uffd::{UffdError, Userfaultfd};
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {
     /// A host mapping call failed.
-    #[error("guest view {what} at {gpa:#x}+{len:#x} failed: {err}")]
+    #[error("guest view {what} at {gpa:#x}+{len:#x} failed: {err}{hint}", hint = map_hint(.err))]
     Map {
         /// Which call.
         what: &'static str,
@@ -39,6 +39,23 @@ pub enum ViewError {
     /// A userfaultfd call failed.
     #[error(transparent)]
     Uffd(#[from] UffdError),
+}
+
+/// Why an mmap of the view can fail with ENOMEM although memory is free:
+/// 4 KiB changes split the view's mappings, and a process has at most
+/// `vm.max_map_count` of them (docs/memory.md, "Known limit").
+fn map_hint(err: &std::io::Error) -> String {
+    if err.raw_os_error() != Some(libc::ENOMEM) {
+        return String::new();
+    }
+    let max = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into());
+    format!(
+        " (this process probably reached vm.max_map_count = {max} mappings: many 4 KiB \
+         balloon releases or poisonings split the guest view; raise it, e.g. \
+         `sysctl -w vm.max_map_count=1048576`)"
+    )
 }
 
 /// The guest-physical view (see the module docs).
@@ -302,5 +319,30 @@ impl MmuNotifier for KvmMapping {
 
     fn invalidate_range_end(&self, _inv: &Invalidation) {
         self.lock.lock().invalidate_end();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enomem_from_the_view_names_max_map_count() {
+        let e = ViewError::Map {
+            what: "zap",
+            gpa: 0x1000,
+            len: 0x1000,
+            err: std::io::Error::from_raw_os_error(libc::ENOMEM),
+        };
+        let msg = e.to_string();
+        assert!(msg.contains("vm.max_map_count = "), "{msg}");
+        assert!(msg.contains("sysctl -w vm.max_map_count"), "{msg}");
+        let e = ViewError::Map {
+            what: "zap",
+            gpa: 0,
+            len: 0x1000,
+            err: std::io::Error::from_raw_os_error(libc::EINVAL),
+        };
+        assert!(!e.to_string().contains("max_map_count"));
     }
 }
