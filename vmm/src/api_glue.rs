@@ -56,7 +56,7 @@ impl VmController for VmApi {
 
     fn poison_memory(&mut self, req: PoisonRequest) -> Result<serde_json::Value, ApiError> {
         let report = self.0.ram.poison(req).map_err(|e| match e {
-            PoisonError::Failure(_) | PoisonError::Populate { .. } => {
+            PoisonError::Failure(_) | PoisonError::Populate { .. } | PoisonError::MapLimit(_) => {
                 ApiError::Conflict(e.to_string())
             }
             _ => ApiError::BadRequest(e.to_string()),

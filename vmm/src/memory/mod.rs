@@ -9,6 +9,7 @@
 
 pub mod check;
 pub mod dma;
+pub mod maplimit;
 pub mod pager;
 pub mod poison;
 pub mod uffd;
@@ -78,6 +79,7 @@ struct Managed {
     pager: Arc<Pager>,
     thread: Mutex<Option<JoinHandle<()>>>,
     poison: poison::PoisonLog,
+    maps: maplimit::MapBudget,
 }
 
 /// Guest RAM.
@@ -119,6 +121,12 @@ fn view_regions(view_base: u64, bytes: u64) -> Result<GuestMemoryMmap<()>, Memor
 }
 
 impl GuestRam {
+    /// Whether one more 4 KiB change may split the guest view's host
+    /// mappings ([`maplimit`]); always Ok with the anonymous backing.
+    pub fn check_map_budget(&self) -> Result<(), String> {
+        self.managed.as_ref().map_or(Ok(()), |m| m.maps.check())
+    }
+
     /// Guest RAM of `bytes` for `vcpus` vCPUs. With the guestmem backing a
     /// pager thread starts; it reports fatal errors through `exit`.
     pub fn new(
@@ -199,6 +207,7 @@ impl GuestRam {
                 pager,
                 thread: Mutex::new(Some(thread)),
                 poison: poison::PoisonLog::default(),
+                maps: maplimit::MapBudget::from_host(),
             }),
         })
     }

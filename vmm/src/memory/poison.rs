@@ -105,6 +105,9 @@ pub enum PoisonError {
     /// Anonymous backing: no frame management.
     #[error("poison needs the guestmem backing (this VM runs with --mem-backing anon)")]
     Unsupported,
+    /// The view is close to `vm.max_map_count` (see `maplimit`).
+    #[error("{0}")]
+    MapLimit(String),
     /// Populating the page failed.
     #[error("cannot populate {gpa:#x} before poisoning it: {err}")]
     Populate {
@@ -186,6 +189,7 @@ impl GuestRam {
     /// Handle `POST /memory/poison`.
     pub fn poison(&self, req: PoisonRequest) -> Result<PoisonReport, PoisonError> {
         let m = self.managed.as_ref().ok_or(PoisonError::Unsupported)?;
+        self.check_map_budget().map_err(PoisonError::MapLimit)?;
         let (frame, gpa) = match (req.gpa, req.frame) {
             (Some(gpa), None) => match self.frame_for_gpa(m, gpa)? {
                 Some(frame) => (frame, Some(gpa)),

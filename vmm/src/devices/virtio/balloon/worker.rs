@@ -195,6 +195,7 @@ struct RamReleaser<'a>(&'a GuestRam);
 impl PageReleaser for RamReleaser<'_> {
     fn release(&self, gpa: u64, len: u64) -> Result<Released, String> {
         if let Some(gm) = self.0.guest_memory() {
+            self.0.check_map_budget()?;
             return gm
                 .release_range(guestmem::GpaRange::new(gpa, len))
                 .map(|r| Released {
