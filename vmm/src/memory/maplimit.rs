@@ -56,7 +56,7 @@ impl MapBudget {
     pub fn check(&self) -> Result<(), String> {
         let n = self.calls.fetch_add(1, Ordering::Relaxed);
         let mut last = self.last.load(Ordering::Relaxed);
-        if n % CHECK_EVERY == 0 || last * 2 >= self.max {
+        if n.is_multiple_of(CHECK_EVERY) || last * 2 >= self.max {
             last = count_mappings();
             self.last.store(last, Ordering::Relaxed);
         }
