@@ -36,11 +36,14 @@ impl GuestMemory {
     fn frames_zero(&self, frame: FrameId, order: u32) -> bool {
         let base = self.pool.host_addr(frame) as *const u64;
         let words = ((PAGE_SIZE << order) / 8) as usize;
-        // SAFETY: `frame..frame + (1 << order)` is inside the pool's mapping
-        // (host_addr asserts the head; mapped blocks never cross the pool's
-        // end), which stays mapped while `self` lives; volatile reads of
-        // memory another agent may write are what this function promises.
-        (0..words).all(|i| unsafe { base.add(i).read_volatile() } == 0)
+        (0..words).all(|i| {
+            // SAFETY: `frame..frame + (1 << order)` is inside the pool's
+            // mapping (host_addr asserts the head; mapped blocks never cross
+            // the pool's end), which stays mapped while `self` lives;
+            // volatile reads of memory another agent may write are what
+            // this function promises.
+            unsafe { base.add(i).read_volatile() == 0 }
+        })
     }
 
     /// Release up to `max_pages` guest pages whose frames hold only zeros

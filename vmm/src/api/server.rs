@@ -90,22 +90,54 @@ fn clear_stale(path: &Path) -> Result<(), ServerError> {
 
 /// Creates a non-blocking listening socket at `path` with mode 0600.
 ///
-/// The mode is set on the socket before `bind` (Linux creates the file with the
-/// socket inode's mode) and again on the file before `listen`, so no client can
-/// connect while the file is more permissive than 0600.
+/// The socket is bound and set listening under a temporary name next to
+/// `path` and then renamed into place, so the path appears only once
+/// clients can connect (a client that waits for the file never sees
+/// ECONNREFUSED); when the temporary name would be too long for a socket
+/// address, it is bound at `path` directly. The mode is set on the socket
+/// before `bind` (Linux creates the file with the socket inode's mode) and
+/// again on the file before `listen`, so no client can connect while the
+/// file is more permissive than 0600.
 fn create_listener(path: &Path) -> Result<UnixListener, ServerError> {
+    const SUN_PATH: usize = 108;
     let bytes = path.as_os_str().as_bytes();
+    if bytes.is_empty() || bytes.len() >= SUN_PATH {
+        return Err(ServerError::PathTooLong {
+            path: path.to_path_buf(),
+            len: bytes.len(),
+            max: SUN_PATH,
+        });
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.new", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let at = if tmp.as_os_str().len() < SUN_PATH {
+        match fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&tmp, "removing a leftover temporary socket")(e)),
+        }
+        tmp.as_path()
+    } else {
+        path
+    };
+    let listener = bind_listen(at)?;
+    if at != path {
+        if let Err(e) = fs::rename(at, path) {
+            let _ = fs::remove_file(at);
+            return Err(io_err(path, "renaming the socket into place")(e));
+        }
+    }
+    Ok(listener)
+}
+
+/// socket + fchmod + bind at `at` + chmod + listen (see [`create_listener`]).
+fn bind_listen(at: &Path) -> Result<UnixListener, ServerError> {
+    let bytes = at.as_os_str().as_bytes();
     let mut addr = libc::sockaddr_un {
         sun_family: libc::AF_UNIX as libc::sa_family_t,
         sun_path: [0; 108],
     };
-    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() {
-        return Err(ServerError::PathTooLong {
-            path: path.to_path_buf(),
-            len: bytes.len(),
-            max: addr.sun_path.len(),
-        });
-    }
     for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
         *dst = src as libc::c_char;
     }
@@ -118,17 +150,18 @@ fn create_listener(path: &Path) -> Result<UnixListener, ServerError> {
         )
     };
     if raw < 0 {
-        return Err(io_err(path, "socket")(io::Error::last_os_error()));
+        return Err(io_err(at, "socket")(io::Error::last_os_error()));
     }
     // SAFETY: `raw` is a freshly created descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     let file = File::from(fd);
     file.set_permissions(fs::Permissions::from_mode(0o600))
-        .map_err(io_err(path, "fchmod"))?;
+        .map_err(io_err(at, "fchmod"))?;
     let fd = OwnedFd::from(file);
     let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
-    // SAFETY: `addr` is a valid, NUL-terminated sockaddr_un that outlives the call
-    // and `len` does not exceed its size; `fd` is an open socket.
+    // SAFETY: `addr` is a valid, NUL-terminated sockaddr_un (callers keep
+    // `at` shorter than sun_path) that outlives the call and `len` does not
+    // exceed its size; `fd` is an open socket.
     let rc = unsafe {
         libc::bind(
             fd.as_raw_fd(),
@@ -137,12 +170,14 @@ fn create_listener(path: &Path) -> Result<UnixListener, ServerError> {
         )
     };
     if rc < 0 {
-        return Err(io_err(path, "bind")(io::Error::last_os_error()));
+        return Err(io_err(at, "bind")(io::Error::last_os_error()));
     }
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io_err(path, "chmod"))?;
+    fs::set_permissions(at, fs::Permissions::from_mode(0o600)).map_err(io_err(at, "chmod"))?;
     // SAFETY: `fd` is an open, bound socket; the result is checked.
     if unsafe { libc::listen(fd.as_raw_fd(), 128) } < 0 {
-        return Err(io_err(path, "listen")(io::Error::last_os_error()));
+        let e = io::Error::last_os_error();
+        let _ = fs::remove_file(at);
+        return Err(io_err(at, "listen")(e));
     }
     Ok(UnixListener::from(fd))
 }

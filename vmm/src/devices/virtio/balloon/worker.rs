@@ -226,16 +226,27 @@ impl PageReleaser for RamReleaser<'_> {
     }
 }
 
-/// [`queues::ring_pages_ok`], counted and logged on failure.
-fn ring_ok(device: &mut Balloon, q: &virtio_queue::Queue, idx: usize) -> bool {
-    match queues::ring_pages_ok(device, q) {
-        Ok(()) => true,
+/// Whether queue `idx` may be processed: its ring pages are RAM and not
+/// poisoned ([`queues::ring_pages_ok`], counted and logged otherwise) and
+/// `more` holds. If not, the device needs a reset.
+fn queue_usable(
+    t: &mut MmioTransport<Balloon>,
+    idx: usize,
+    more: impl FnOnce(&mut Balloon, &virtio_queue::Queue) -> bool,
+) -> bool {
+    let MmioTransport { device, queues, .. } = &mut *t;
+    let ok = match queues::ring_pages_ok(device, &queues[idx]) {
+        Ok(()) => more(device, &queues[idx]),
         Err(e) => {
             device.counters.bad_ring_pages += 1;
             log::error!("balloon: queue {idx} not processed, device needs a reset: {e}");
             false
         }
+    };
+    if !ok {
+        t.needs_reset();
     }
+    ok
 }
 
 const TIMER: u32 = MAX_QUEUES as u32;
@@ -266,12 +277,7 @@ impl BalloonWorker {
         if !t.queues[idx].ready() {
             return;
         }
-        let ok = {
-            let MmioTransport { device, queues, .. } = &mut *t;
-            ring_ok(device, &queues[idx], idx) && queues::avail_index_ok(device, &queues[idx], mem)
-        };
-        if !ok {
-            t.needs_reset();
+        if !queue_usable(&mut t, idx, |d, q| queues::avail_index_ok(d, q, mem)) {
             return;
         }
         let MmioTransport {
@@ -304,12 +310,7 @@ impl BalloonWorker {
             return;
         };
         let mem = self.ram.mem();
-        let ok = {
-            let MmioTransport { device, queues, .. } = &mut *t;
-            ring_ok(device, &queues[idx], idx)
-        };
-        if !ok {
-            t.needs_reset();
+        if !queue_usable(&mut t, idx, |_, _| true) {
             return;
         }
         let MmioTransport {
