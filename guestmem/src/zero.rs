@@ -36,12 +36,11 @@ impl GuestMemory {
     fn frames_zero(&self, frame: FrameId, order: u32) -> bool {
         let base = self.pool.host_addr(frame) as *const u64;
         let words = ((PAGE_SIZE << order) / 8) as usize;
+        // The block lies in the pool's direct map (host_addr asserts the
+        // head; mapped blocks never cross the pool's end), mapped while
+        // `self` lives; the guest may write it meanwhile, hence volatile.
         (0..words).all(|i| {
-            // SAFETY: `frame..frame + (1 << order)` is inside the pool's
-            // mapping (host_addr asserts the head; mapped blocks never cross
-            // the pool's end), which stays mapped while `self` lives;
-            // volatile reads of memory another agent may write are what
-            // this function promises.
+            // SAFETY: in bounds of the live direct map (see above).
             unsafe { base.add(i).read_volatile() == 0 }
         })
     }

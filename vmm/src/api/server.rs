@@ -159,9 +159,9 @@ fn bind_listen(at: &Path) -> Result<UnixListener, ServerError> {
         .map_err(io_err(at, "fchmod"))?;
     let fd = OwnedFd::from(file);
     let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
-    // SAFETY: `addr` is a valid, NUL-terminated sockaddr_un (callers keep
-    // `at` shorter than sun_path) that outlives the call and `len` does not
-    // exceed its size; `fd` is an open socket.
+    // `addr` is NUL-terminated: callers keep `at` shorter than sun_path.
+    // SAFETY: `addr` is a valid sockaddr_un that outlives the call, `len`
+    // does not exceed its size; `fd` is an open socket.
     let rc = unsafe {
         libc::bind(
             fd.as_raw_fd(),
