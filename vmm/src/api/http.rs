@@ -25,7 +25,8 @@ pub enum Method {
 }
 
 impl Method {
-    fn parse(s: &str) -> Method {
+    /// The method named `s` (case-sensitive, as HTTP requires).
+    pub fn parse(s: &str) -> Method {
         match s {
             "GET" => Method::Get,
             "PUT" => Method::Put,

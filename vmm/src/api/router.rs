@@ -403,14 +403,7 @@ mod tests {
         // And dispatch really reaches a handler for each documented operation.
         for (path, method) in documented {
             let mut vm = TestVm::new();
-            let m = match method.as_str() {
-                "GET" => Method::Get,
-                "PUT" => Method::Put,
-                "PATCH" => Method::Patch,
-                "POST" => Method::Post,
-                "DELETE" => Method::Delete,
-                other => Method::Other(other.to_string()),
-            };
+            let m = Method::parse(&method);
             let resp = dispatch(&mut vm, &req(m, &path, None));
             assert!(
                 resp.status != 404 && resp.status != 405,

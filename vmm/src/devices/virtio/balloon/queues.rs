@@ -138,23 +138,35 @@ pub fn process_pfn_queue(
     rel: &dyn PageReleaser,
     inflate: bool,
 ) -> usize {
+    consume_chains(b, q, mem, |b, descs| {
+        let bytes = read_elements(b, &descs, mem, 4);
+        let pfns: Vec<u64> = bytes
+            .chunks_exact(4)
+            .map(|c| u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect();
+        if inflate {
+            inflate_pfns(b, &pfns, mem, rel);
+        } else {
+            deflate_pfns(b, &pfns, mem);
+        }
+    })
+}
+
+/// Pop every available chain of `q`, hand the well-formed ones to `f`
+/// (malformed chains are counted in `rejected_chains`), and return each to
+/// the driver. Returns the number of buffers returned.
+fn consume_chains(
+    b: &mut Balloon,
+    q: &mut Queue,
+    mem: Mem<'_>,
+    mut f: impl FnMut(&mut Balloon, Vec<Descriptor>),
+) -> usize {
     let mut used = 0;
     while let Some(chain) = q.pop_descriptor_chain(mem) {
         let head = chain.head_index();
         match collect(chain) {
             None => b.counters.rejected_chains += 1,
-            Some(descs) => {
-                let bytes = read_elements(b, &descs, mem, 4);
-                let pfns: Vec<u64> = bytes
-                    .chunks_exact(4)
-                    .map(|c| u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-                    .collect();
-                if inflate {
-                    inflate_pfns(b, &pfns, mem, rel);
-                } else {
-                    deflate_pfns(b, &pfns, mem);
-                }
-            }
+            Some(descs) => f(b, descs),
         }
         finish(q, mem, head);
         used += 1;
@@ -280,33 +292,23 @@ pub fn process_reporting_queue(
     rel: &dyn PageReleaser,
 ) -> usize {
     let page = 1u64 << PFN_SHIFT;
-    let mut used = 0;
-    while let Some(chain) = q.pop_descriptor_chain(mem) {
-        let head = chain.head_index();
-        match collect(chain) {
-            None => b.counters.rejected_chains += 1,
-            Some(descs) => {
-                for d in descs {
-                    let (gpa, len) = (d.addr().0, u64::from(d.len()));
-                    if !gpa.is_multiple_of(page)
-                        || !len.is_multiple_of(page)
-                        || len == 0
-                        || !page_in_ram(mem, gpa, len)
-                    {
-                        b.counters.bad_descriptors += 1;
-                        continue;
-                    }
-                    if release(b, rel, gpa, len).is_ok() {
-                        b.counters.reported_ranges += 1;
-                        b.counters.reported_pages += len / page;
-                    }
-                }
+    consume_chains(b, q, mem, |b, descs| {
+        for d in descs {
+            let (gpa, len) = (d.addr().0, u64::from(d.len()));
+            if !gpa.is_multiple_of(page)
+                || !len.is_multiple_of(page)
+                || len == 0
+                || !page_in_ram(mem, gpa, len)
+            {
+                b.counters.bad_descriptors += 1;
+                continue;
+            }
+            if release(b, rel, gpa, len).is_ok() {
+                b.counters.reported_ranges += 1;
+                b.counters.reported_pages += len / page;
             }
         }
-        finish(q, mem, head);
-        used += 1;
-    }
-    used
+    })
 }
 
 #[cfg(test)]
