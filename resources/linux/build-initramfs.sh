@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Build the test initramfs: Debian's busybox-static, /init (initramfs/init), the report
-# script (initramfs/guest-report) and the poison victim (initramfs/poison-victim.c,
-# gcc -static -O2), as an uncompressed newc cpio (no decompression in the guest: ring 0
-# is emulated on nested-PVM hosts and gunzip of a few MB would cost tens of seconds).
+# Build the test initramfs: Debian's busybox-static, /init (initramfs/init.c), the report
+# script (initramfs/guest-report), the poison victim (initramfs/poison-victim.c) and the
+# syscall-completion probe (initramfs/syscall-jump.c), the C programs built with
+# musl-gcc -static -O2, as an uncompressed newc cpio (no decompression in the guest: ring 0 is
+# emulated on nested-PVM hosts and gunzip of a few MB would cost tens of seconds).
+#
+# Extra files: VMM_INITRAMFS_ADD=DIR[:DIR...] (or `prepare.sh --add DIR`) copies each
+# DIR's tree into the archive root, DIR/usr/bin/x becoming /usr/bin/x (modes kept, owner
+# root; symlinks stay symlinks; later directories win). Their content is part of the key.
 #
 # Result: ${VMM_CACHE:-$HOME/.cache/vmm}/initramfs-<hash>/initramfs.cpio where <hash>
-# covers this script, mkcpio.py and initramfs/*. A second run with the same inputs does
-# nothing.
+# covers this script, mkcpio.py, initramfs/* and the added trees. A second run with the
+# same inputs does nothing.
 #
 # stdout: exactly one line, the path of initramfs.cpio. stderr: progress and errors.
 set -euo pipefail
@@ -17,14 +22,31 @@ files="$here/initramfs"
 log() { echo "build-initramfs: $*" >&2; }
 die() { echo "build-initramfs: error: $*" >&2; exit 1; }
 
-for f in init guest-report poweroff shrc poison-victim.c; do
+for f in init.c guest-report poweroff shrc poison-victim.c syscall-jump.c; do
     [ -f "$files/$f" ] || die "missing $files/$f"
 done
 [ -f "$here/mkcpio.py" ] || die "missing $here/mkcpio.py"
 
+add_dirs=()
+if [ -n "${VMM_INITRAMFS_ADD:-}" ]; then
+    IFS=: read -r -a raw_dirs <<<"$VMM_INITRAMFS_ADD"
+    for d in "${raw_dirs[@]}"; do
+        [ -n "$d" ] || continue
+        [ -d "$d" ] || die "VMM_INITRAMFS_ADD: $d is not a directory (give directories whose trees go into the initramfs root)"
+        add_dirs+=("$(cd "$d" && pwd)")
+    done
+fi
+# A stable digest of a tree: names, types, modes, link targets and file contents.
+tree_digest() {
+    (cd "$1" && find . -mindepth 1 -printf '%y %m %p %l\n' | LC_ALL=C sort &&
+        find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha256sum) | sha256sum
+}
+
 cache_root="${VMM_CACHE:-${HOME:-/root}/.cache/vmm}"
-key="$(cat "${BASH_SOURCE[0]}" "$here/mkcpio.py" "$files/init" "$files/guest-report" \
-    "$files/poweroff" "$files/shrc" "$files/poison-victim.c" | sha256sum | cut -c1-16)"
+key="$( { cat "${BASH_SOURCE[0]}" "$here/mkcpio.py" "$files/init.c" "$files/guest-report" \
+    "$files/poweroff" "$files/shrc" "$files/poison-victim.c" "$files/syscall-jump.c"
+    for d in ${add_dirs[@]+"${add_dirs[@]}"}; do echo "add $d"; tree_digest "$d"; done; } \
+    | sha256sum | cut -c1-16)"
 out="$cache_root/initramfs-$key"
 
 is_cached() { [ -f "$out/.complete" ] && [ -f "$out/initramfs.cpio" ]; }
@@ -45,7 +67,7 @@ fi
 # ---- dependencies -----------------------------------------------------------------------
 need_pkgs=()
 dpkg_has() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
-for p in busybox-static gcc libc6-dev python3; do
+for p in busybox-static musl-tools python3 file; do
     dpkg_has "$p" || need_pkgs+=("$p")
 done
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
@@ -63,6 +85,8 @@ fi
 busybox=/bin/busybox
 file -L "$busybox" 2>/dev/null | grep -q 'statically linked' \
     || die "$busybox is not the static busybox (is busybox-static installed? $(file -L "$busybox" 2>&1))"
+env -i PATH=/nonexistent "$busybox" sh -c 'true && cat /dev/null' 2>/dev/null \
+    || die "$busybox's shell does not run its applets without links (FEATURE_SH_STANDALONE); the initramfs links only /bin/sh"
 
 # ---- build -------------------------------------------------------------------------------
 t0=$(date +%s)
@@ -70,9 +94,13 @@ rm -rf "$out".tmp.*
 work="$out.tmp.$$"
 mkdir -p "$work"
 
-log "compiling poison-victim (gcc -static -O2)"
-gcc -static -O2 -Wall -Wextra -o "$work/poison-victim" "$files/poison-victim.c" \
-    || die "gcc failed on $files/poison-victim.c"
+# musl, not glibc: a static glibc program is ~750 KB, a musl one ~40 KB, and on hosts
+# that emulate guest ring 0 the kernel unpacks the initramfs at ~0.5 MB/s.
+for prog in init poison-victim syscall-jump; do
+    log "compiling $prog (musl-gcc -static -O2 -s)"
+    musl-gcc -static -O2 -s -Wall -Wextra -o "$work/$prog" "$files/$prog.c" \
+        || die "musl-gcc failed on $files/$prog.c"
+done
 
 list="$work/initramfs.list"
 {
@@ -83,18 +111,35 @@ list="$work/initramfs.list"
     echo "nod /dev/console 0600 0 0 c 5 1"
     echo "nod /dev/null 0666 0 0 c 1 3"
     echo "nod /dev/ttyS0 0600 0 0 c 4 64"
-    echo "file /init $files/init 0755 0 0"
+    echo "file /init $work/init 0755 0 0"
     echo "file /bin/busybox $busybox 0755 0 0"
     echo "file /bin/guest-report $files/guest-report 0755 0 0"
     echo "file /bin/poison-victim $work/poison-victim 0755 0 0"
+    echo "file /bin/syscall-jump $work/syscall-jump 0755 0 0"
     echo "file /sbin/poweroff $files/poweroff 0755 0 0"
     echo "file /sbin/halt $files/poweroff 0755 0 0"
     echo "file /etc/shrc $files/shrc 0644 0 0"
-    "$busybox" --list-full | sort | while read -r applet; do
-        case "$applet" in
-            bin/busybox | sbin/poweroff | sbin/halt | "") ;;
-            *) echo "slink /$applet /bin/busybox 0777 0 0" ;;
-        esac
+    # Only /bin/sh: this busybox's shell runs its applets without links (it prefers
+    # applets to PATH), and each of the ~270 applet links costs ~12 ms to unpack where
+    # guest ring 0 is emulated. `busybox --install -s` in the guest adds them all.
+    echo "slink /bin/sh /bin/busybox 0777 0 0"
+    for d in ${add_dirs[@]+"${add_dirs[@]}"}; do
+        echo "# added from $d"
+        (cd "$d" && find . -mindepth 1 | LC_ALL=C sort) | while IFS= read -r rel; do
+            p="$d/${rel#./}"
+            dst="/${rel#./}"
+            case "$dst" in *" "*) die "VMM_INITRAMFS_ADD: $p: names with spaces are not supported" ;; esac
+            mode="$(stat -c %a "$p")"
+            if [ -L "$p" ]; then
+                echo "slink $dst $(readlink "$p") 0777 0 0"
+            elif [ -d "$p" ]; then
+                echo "dir $dst $mode 0 0"
+            elif [ -f "$p" ]; then
+                echo "file $dst $p $mode 0 0"
+            else
+                die "VMM_INITRAMFS_ADD: $p is not a regular file, directory or symlink"
+            fi
+        done
     done
 } >"$list"
 # "dir /" would name the archive root "."; drop it (the kernel's rootfs already exists).
@@ -107,7 +152,8 @@ cat >"$work/build-info" <<INFO
 key: $key
 built: $(date -u +%Y-%m-%dT%H:%M:%SZ) in $((t1 - t0)) s
 busybox: busybox-static $(dpkg-query -W -f='${Version}' busybox-static), $("$busybox" --list | wc -l) applets
-poison-victim: $(stat -c %s "$work/poison-victim") bytes ($(gcc --version | head -1))
+programs: init $(stat -c %s "$work/init"), poison-victim $(stat -c %s "$work/poison-victim"), syscall-jump $(stat -c %s "$work/syscall-jump") bytes (musl-gcc, $(gcc --version | head -1))
+added: ${add_dirs[*]:-none}
 initramfs.cpio: $(stat -c %s "$work/initramfs.cpio") bytes, uncompressed newc
 INFO
 touch "$work/.complete"

@@ -2,10 +2,12 @@
 # Build the minimal guest kernel (vmlinux ELF + bzImage) from Debian's linux-source-6.1
 # with guest.config applied on top of tinyconfig.
 #
-# Result: ${VMM_CACHE:-$HOME/.cache/vmm}/linux-<hash>/ where <hash> covers guest.config
-# and this script. A second run with the same inputs does nothing.
-# The source is unpacked once per package version into $VMM_CACHE/linux-source-<version>/
-# and built out of tree (O=), so a changed fragment does not unpack again.
+# Result: ${VMM_CACHE:-$HOME/.cache/vmm}/linux-<hash>/ where <hash> covers the pinned
+# Debian source version, guest.config, patches/*.patch and this script. A second run with
+# the same inputs does nothing.
+# The source is unpacked and patched once per (version, patch set) into
+# $VMM_CACHE/linux-source-<version>-<patch hash>/ and built out of tree (O=), so a
+# changed fragment does not unpack again.
 #
 # stdout: exactly one line, the result directory (vmlinux, bzImage, config, build-info, ...).
 # stderr: progress and errors.
@@ -18,16 +20,27 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 fragment="$here/guest.config"
+patches=("$here"/patches/*.patch)
 src_pkg=linux-source-6.1
 src_tar=/usr/src/linux-source-6.1.tar.xz
+# The exact Debian source version CI builds and tests (the archive keeps older versions
+# of bookworm-security; a newer one being served does not change what is built).
+# Override with VMM_LINUX_SOURCE_VERSION=<version> to try another one.
+src_pin="${VMM_LINUX_SOURCE_VERSION:-6.1.172-1}"
 
 log() { echo "build-kernel: $*" >&2; }
 die() { echo "build-kernel: error: $*" >&2; exit 1; }
 
 [ -f "$fragment" ] || die "missing config fragment $fragment"
 
+[ -f "${patches[0]}" ] || die "no kernel patches in $here/patches"
+
 cache_root="${VMM_CACHE:-${HOME:-/root}/.cache/vmm}"
-key="$(cat "$fragment" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)"
+# The key covers everything that decides the kernel: the pinned source version, the
+# config fragment, the patches (in order) and this script.
+patch_key="$(cat "${patches[@]}" | sha256sum | cut -c1-16)"
+key="$( { echo "$src_pkg=$src_pin"; cat "$fragment" "${patches[@]}" "${BASH_SOURCE[0]}"; } \
+    | sha256sum | cut -c1-16)"
 out="$cache_root/linux-$key"
 
 is_cached() { [ -f "$out/.complete" ] && [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; }
@@ -49,7 +62,11 @@ fi
 # ---- dependencies -----------------------------------------------------------------------
 need_pkgs=()
 dpkg_has() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
-for p in "$src_pkg" gcc make libc6-dev bc flex bison libelf-dev libssl-dev cpio xz-utils \
+dpkg_ver() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || true; }
+if [ "$(dpkg_ver "$src_pkg")" != "$src_pin" ]; then
+    need_pkgs+=("$src_pkg=$src_pin")
+fi
+for p in gcc make patch libc6-dev bc flex bison libelf-dev libssl-dev cpio xz-utils \
          lz4 python3 file binutils; do
     dpkg_has "$p" || need_pkgs+=("$p")
 done
@@ -58,18 +75,21 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
     [ "$(id -u)" -eq 0 ] || die "need Debian packages ${need_pkgs[*]}; run as root or: apt-get install ${need_pkgs[*]}"
     log "installing ${need_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    if ! apt-get install -y -q --no-install-recommends "${need_pkgs[@]}" >&2; then
+    apt_opts=(-y -q --no-install-recommends --allow-downgrades)
+    if ! apt-get install "${apt_opts[@]}" "${need_pkgs[@]}" >&2; then
         log "apt-get install failed; retrying after apt-get update"
         apt-get update -q >&2
-        apt-get install -y -q --no-install-recommends "${need_pkgs[@]}" >&2 \
-            || die "apt-get install ${need_pkgs[*]} failed"
+        apt-get install "${apt_opts[@]}" "${need_pkgs[@]}" >&2 \
+            || die "apt-get install ${need_pkgs[*]} failed (is $src_pkg $src_pin still in the" \
+                "archive? apt-cache madison $src_pkg lists what is; VMM_LINUX_SOURCE_VERSION picks one)"
     fi
 fi
 [ -f "$src_tar" ] || die "$src_tar not found although $src_pkg is installed"
+src_ver="$(dpkg_ver "$src_pkg")"
+[ "$src_ver" = "$src_pin" ] || die "$src_pkg $src_ver is installed, but $src_pin is pinned"
 
-# ---- unpack (once per source package version, shared by all config keys) ---------------
-src_ver="$(dpkg-query -W -f='${Version}' "$src_pkg")"
-src="$cache_root/linux-source-$src_ver"
+# ---- unpack and patch (once per source version and patch set, shared by config keys) ----
+src="$cache_root/linux-source-$src_ver-$patch_key"
 t0=$(date +%s)
 exec 8>"$src.lock"
 flock 8
@@ -78,6 +98,11 @@ if [ ! -f "$src/.complete" ]; then
     mkdir -p "$src"
     log "unpacking $src_tar into $src"
     tar -xf "$src_tar" -C "$src" --strip-components=1
+    for p in "${patches[@]}"; do
+        log "applying $(basename "$p")"
+        patch -d "$src" -p1 --fuzz=0 --no-backup-if-mismatch <"$p" >&2 \
+            || die "patch $p does not apply to $src_pkg $src_ver"
+    done
     touch "$src/.complete"
 fi
 flock -u 8
@@ -158,6 +183,7 @@ cp "$fragment" "$work/guest.config"
 entry="$(readelf -h "$work/vmlinux" | awk '/Entry point/ {print $4}')"
 cat >"$work/build-info" <<INFO
 source: $src_pkg $src_ver ($(make -s kernelversion)) unpacked in $src
+patches: $(for p in "${patches[@]}"; do basename "$p"; done | tr '\n' ' ')
 fragment: $fragment
 key: $key
 built: $(date -u +%Y-%m-%dT%H:%M:%SZ); unpack $((t1 - t0)) s, configure $((t2 - t1)) s, make -j$jobs $((t3 - t2)) s

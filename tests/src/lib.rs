@@ -5,6 +5,8 @@
 //! (`target/<profile>/vmm`); build it first with `cargo build --bins`
 //! (the README's test command does).
 
+pub mod guest_shell;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -157,6 +157,14 @@ pub const HIDDEN_ON_EMULATED_RING0: &[(u32, u32, Reg, u32, &str)] = &[
     (LEAF_KVM_FEATURES, 0, Reg::Eax, 7, "kvm-pv-unhalt"),
     (LEAF_KVM_FEATURES, 0, Reg::Eax, 11, "kvm-pv-send-ipi"),
     (LEAF_KVM_FEATURES, 0, Reg::Eax, 13, "kvm-pv-sched-yield"),
+    // Asynchronous page faults: this host's KVM injects "page not present"
+    // into a guest that is in kernel mode (seen: a Linux guest touching
+    // guest RAM the pager had not resolved yet while handling a machine
+    // check panicked "Host injected async #PF in kernel mode"). Without
+    // the feature the vCPU waits in KVM_RUN until the fault is resolved.
+    (LEAF_KVM_FEATURES, 0, Reg::Eax, 4, "kvm-async-pf"),
+    (LEAF_KVM_FEATURES, 0, Reg::Eax, 10, "kvm-async-pf-vmexit"),
+    (LEAF_KVM_FEATURES, 0, Reg::Eax, 14, "kvm-async-pf-int"),
 ];
 
 const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
@@ -201,18 +209,29 @@ pub fn hide_for_emulated_ring0(cpuid: &mut CpuId) {
 /// the boot CPU's view, so the command line is the reliable switch.
 pub const EMULATED_RING0_CMDLINE: &str = "noxsave clearcpuid=popcnt,cx16,bmi1,bmi2,movbe,sse4_1,sse4_2,ssse3,rdrand,rdseed,fsgsbase,smap,abm,erms,fsrm,clflushopt,clwb,rdpid,invpcid,umip";
 
-/// `cmdline` with [`EMULATED_RING0_CMDLINE`] appended, unless the user
-/// already gave a `clearcpuid=` (only the last one counts in Linux).
+/// Switch of resources/linux's kernel patch: complete a ring-3 `syscall`
+/// that faulted at the entry address (this host class runs `syscall`
+/// without the privilege change; docs/linux.md). Kernels without the
+/// patch ignore the unknown word (it ends up in init's environment).
+pub const RING3_SYSCALL_COMPLETION: &str = "ring3_syscall_completion";
+
+/// `cmdline` with the words an emulated-ring-0 host needs appended:
+/// [`RING3_SYSCALL_COMPLETION`] and [`EMULATED_RING0_CMDLINE`] (the
+/// `clearcpuid=` list only when the user gave none: Linux honours only the
+/// last one). Words already present are not repeated.
 pub fn with_emulated_ring0_words(cmdline: &str) -> String {
-    if cmdline
+    let own_clearcpuid = cmdline
         .split_whitespace()
-        .any(|w| w.starts_with("clearcpuid="))
-    {
+        .any(|w| w.starts_with("clearcpuid="));
+    if own_clearcpuid {
         log::warn!("--cmdline has its own clearcpuid=: not adding the emulation-assist list");
-        return cmdline.to_string();
     }
     let mut s = cmdline.to_string();
-    for w in EMULATED_RING0_CMDLINE.split_whitespace() {
+    let words = EMULATED_RING0_CMDLINE
+        .split_whitespace()
+        .filter(|w| !(own_clearcpuid && w.starts_with("clearcpuid=")))
+        .chain([RING3_SYSCALL_COMPLETION]);
+    for w in words {
         if !cmdline.split_whitespace().any(|x| x == w) {
             if !s.is_empty() {
                 s.push(' ');
@@ -321,13 +340,13 @@ mod tests {
         assert_eq!(
             with_emulated_ring0_words("console=ttyS0 noxsave"),
             format!(
-                "console=ttyS0 noxsave {}",
+                "console=ttyS0 noxsave {} {RING3_SYSCALL_COMPLETION}",
                 EMULATED_RING0_CMDLINE.trim_start_matches("noxsave ")
             )
         );
         assert_eq!(
-            with_emulated_ring0_words("a clearcpuid=pku"),
-            "a clearcpuid=pku"
+            with_emulated_ring0_words("a clearcpuid=pku ring3_syscall_completion"),
+            "a clearcpuid=pku ring3_syscall_completion noxsave"
         );
     }
 }
