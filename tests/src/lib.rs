@@ -351,6 +351,14 @@ impl Drop for Vmm {
     }
 }
 
+/// The unsigned number at `path` in a JSON value; panics naming the path.
+pub fn json_u64(v: &serde_json::Value, path: &[&str]) -> u64 {
+    path.iter()
+        .fold(v, |x, p| &x[p])
+        .as_u64()
+        .unwrap_or_else(|| panic!("{path:?} missing in {v:#}"))
+}
+
 /// Parse `key=0x...` or `key=123` from a line.
 pub fn field(line: &str, key: &str) -> Option<u64> {
     let v = line

@@ -31,7 +31,7 @@ use vmm_tests::guest_shell::{
     dmesg_grep, meminfo_kib, number_after, poweroff, shell, touch_guest_ram, touch_mib, vmstat,
     wait_ready, LinuxGuest, T,
 };
-use vmm_tests::{field, require_kvm, rss_bytes, Vmm};
+use vmm_tests::{field, json_u64 as u, require_kvm, rss_bytes, Vmm};
 
 const MIB: u64 = 1 << 20;
 /// Guest RAM of every boot here.
@@ -45,15 +45,6 @@ fn api_ok(vm: &Vmm, method: &str, path: &str, body: Option<&str>) -> serde_json:
     let (st, v) = vm.api(method, path, body);
     assert!((200..300).contains(&st), "{method} {path}: {st} {v}");
     v
-}
-
-fn u(v: &serde_json::Value, path: &[&str]) -> u64 {
-    let mut x = v;
-    for p in path {
-        x = &x[p];
-    }
-    x.as_u64()
-        .unwrap_or_else(|| panic!("{path:?} missing in {v:#}"))
 }
 
 #[test]
@@ -86,10 +77,10 @@ fn shell_1_vcpu_syscall_completion_is_safe_and_poweroff() {
     assert!(out.iter().any(|l| l == "SYSJUMP done"), "{text}");
     let (_, info) = vm.api("GET", "/vm", None);
     if info["emulation_assists"]["enabled"] == true {
-        let g = line("SYSJUMP getpid ret=");
+        let g = [line("SYSJUMP getpid ret=")];
         assert_eq!(
-            number_after(&[g.clone()], "ret="),
-            number_after(&[g.clone()], "real="),
+            number_after(&g, "ret="),
+            number_after(&g, "real="),
             "the jump ran getpid: {text}"
         );
         let f = [line("SYSJUMP flags=")];

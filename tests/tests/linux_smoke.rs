@@ -22,7 +22,7 @@
 
 use std::time::{Duration, Instant};
 
-use vmm_tests::{linux_guest, require_kvm, ring0_emulated, rss_bytes, Vmm};
+use vmm_tests::{json_u64 as stat, linux_guest, require_kvm, ring0_emulated, rss_bytes, Vmm};
 
 const MEM_MIB: u64 = 256;
 const BALLOON_MIB: u64 = 64;
@@ -57,15 +57,6 @@ fn wait_for(vm: &mut Vmm, needle: &str, deadline: Instant) -> String {
 /// emulated kernel that wants a whole core (under nextest the `linux-smoke`
 /// test group of .config/nextest.toml does the same).
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn stat(s: &serde_json::Value, path: &[&str]) -> u64 {
-    let mut v = s;
-    for p in path {
-        v = &v[p];
-    }
-    v.as_u64()
-        .unwrap_or_else(|| panic!("{path:?} missing in {s:#}"))
-}
 
 #[test]
 fn linux_kernel_boots_to_init_with_balloon_and_memory_failure() {
