@@ -8,13 +8,16 @@
 //! | 3..=5  | memory type (leaf only)                                    |
 //! | 6      | ignore PAT (leaf only)                                     |
 //! | 7      | large page: the PDE/PDPTE maps 2 MiB/1 GiB itself          |
-//! | 8      | accessed                                                   |
-//! | 9      | dirty (leaf only)                                          |
+//! | 8, 9   | accessed, dirty: always 0 (see below)                      |
 //! | 12..=51| address: next table (non-leaf) or backing (leaf)           |
 //!
 //! This is a software MMU, so "address" is a host *virtual* address: for a
 //! non-leaf entry the child table page, for a leaf the host address of the
 //! backing frame(s) (what real EPT calls the host-physical address).
+//!
+//! No accessed/dirty tracking: the guest's accesses go through KVM and the
+//! guest view, never through this table, so nothing would set those bits
+//! (and the VMM neither ages nor dirty-logs guest memory).
 
 /// Read access.
 pub const EPT_R: u64 = 1 << 0;
@@ -32,10 +35,6 @@ pub const EPT_MEMTYPE_MASK: u64 = 0b111 << EPT_MEMTYPE_SHIFT;
 pub const EPT_IGNORE_PAT: u64 = 1 << 6;
 /// Large-page bit: a level-2 (or level-3) entry that is a leaf.
 pub const EPT_LARGE: u64 = 1 << 7;
-/// Accessed bit.
-pub const EPT_ACCESSED: u64 = 1 << 8;
-/// Dirty bit.
-pub const EPT_DIRTY: u64 = 1 << 9;
 /// Address field, bits 12..=51.
 pub const EPT_ADDR_MASK: u64 = ((1 << 52) - 1) & !0xfff;
 
@@ -128,16 +127,6 @@ impl EptEntry {
         self.0 & EPT_X != 0
     }
 
-    /// Accessed bit.
-    pub const fn accessed(self) -> bool {
-        self.0 & EPT_ACCESSED != 0
-    }
-
-    /// Dirty bit.
-    pub const fn dirty(self) -> bool {
-        self.0 & EPT_DIRTY != 0
-    }
-
     /// The address field.
     pub const fn addr(self) -> u64 {
         self.0 & EPT_ADDR_MASK
@@ -146,16 +135,6 @@ impl EptEntry {
     /// Memory type of a leaf.
     pub const fn mem_type(self) -> Option<MemType> {
         MemType::from_entry(self.0)
-    }
-
-    /// The same entry with `bits` set.
-    pub const fn with(self, bits: u64) -> Self {
-        EptEntry(self.0 | bits)
-    }
-
-    /// The same entry with `bits` cleared.
-    pub const fn without(self, bits: u64) -> Self {
-        EptEntry(self.0 & !bits)
     }
 }
 
@@ -167,13 +146,16 @@ mod tests {
     fn leaf_round_trips_fields() {
         let e = EptEntry::leaf(0x7f12_3460_0000, EPT_R | EPT_W, MemType::WriteBack, true);
         assert!(e.is_present() && e.is_large() && e.readable() && e.writable());
-        assert!(!e.executable() && !e.accessed() && !e.dirty());
+        assert!(!e.executable());
         assert_eq!(e.addr(), 0x7f12_3460_0000);
         assert_eq!(e.mem_type(), Some(MemType::WriteBack));
         assert_eq!(e.0 & EPT_IGNORE_PAT, EPT_IGNORE_PAT);
-        let e = e.with(EPT_ACCESSED | EPT_DIRTY).without(EPT_W);
-        assert!(e.accessed() && e.dirty() && !e.writable() && e.readable());
-        assert_eq!(e.addr(), 0x7f12_3460_0000);
+        let e = EptEntry::leaf(0x7f12_3460_1000, EPT_R | EPT_X, MemType::WriteBack, false);
+        assert!(e.readable() && !e.writable() && e.executable() && !e.is_large());
+        assert_eq!(
+            e.0 & !(EPT_ADDR_MASK | EPT_RWX | EPT_MEMTYPE_MASK | EPT_IGNORE_PAT),
+            0
+        );
     }
 
     #[test]

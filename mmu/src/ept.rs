@@ -1,16 +1,13 @@
 //! [`ShadowEpt`]: the secondary MMU proper (fault path, lock-free
-//! translation, zap). The notifier side is in `notify.rs`, accessed/dirty
-//! tracking in `dirty.rs`.
-
-use std::sync::atomic::Ordering as AtomicOrdering;
+//! translation, zap). The notifier side is in `notify.rs`.
 
 use guestmem::notifier::GpaRange;
 use guestmem::PAGE_SIZE;
 
-use crate::entry::{EptEntry, MemType, EPT_ACCESSED, EPT_DIRTY, EPT_R, EPT_W, EPT_X};
+use crate::entry::{EptEntry, MemType, EPT_R, EPT_W, EPT_X};
 use crate::fault::{MmuGuard, MmuLock};
 use crate::primary::{check_backing, FaultError, PrimaryMap, Translation, GPA_LIMIT, HUGE_ORDER};
-use crate::sync::yield_now;
+use crate::sync::{yield_now, Ordering};
 use crate::table::{PageStore, Table};
 
 /// Default number of attempts before a fault gives up with
@@ -54,19 +51,8 @@ pub enum EptError {
 /// State protected by the mmu lock.
 pub(crate) struct EptState {
     pub(crate) store: PageStore,
-    /// Ranges with dirty logging on: faults install 4 KiB leaves, writable
-    /// only on write faults.
-    pub(crate) dirty_log: Vec<GpaRange>,
-    /// Dirty leaves zapped while logging, reported by the next collection.
-    pub(crate) zapped_dirty: Vec<(u64, u32)>,
     pub(crate) stats: EptStats,
     pub(crate) released: bool,
-}
-
-impl EptState {
-    pub(crate) fn logging(&self, range: GpaRange) -> bool {
-        self.dirty_log.iter().any(|r| r.overlaps(&range))
-    }
 }
 
 /// The shadow EPT: a 4-level radix table of EPT entries mapping guest-physical
@@ -90,8 +76,6 @@ impl ShadowEpt {
             table: Table::new().map_err(|addr| EptError::TableAlloc { addr })?,
             mmu: MmuLock::new(EptState {
                 store: PageStore::new(),
-                dirty_log: Vec::new(),
-                zapped_dirty: Vec::new(),
                 stats: EptStats::default(),
                 released: false,
             }),
@@ -139,9 +123,7 @@ impl ShadowEpt {
                 return Err(FaultError::Released);
             }
             g.stats.faults += 1;
-            let huge_range = GpaRange::new(b.gpa_base, PAGE_SIZE << b.order);
-            let logging = g.logging(huge_range);
-            let (base, order, host) = if huge_ok && !logging {
+            let (base, order, host) = if huge_ok {
                 (b.gpa_base, HUGE_ORDER, b.host_addr)
             } else {
                 let base = gpa & !(PAGE_SIZE - 1);
@@ -158,23 +140,15 @@ impl ShadowEpt {
                 yield_now();
                 continue;
             }
-            let writable = b.writable && (write || !logging);
-            let mut perms = EPT_R | EPT_X | EPT_ACCESSED;
-            if writable {
-                perms |= EPT_W;
-            }
-            if write {
-                perms |= EPT_DIRTY;
-            }
-            let leaf = EptEntry::leaf(host, perms, MemType::WriteBack, order == HUGE_ORDER)
-                .with(perms & (EPT_ACCESSED | EPT_DIRTY));
+            let perms = EPT_R | EPT_X | if b.writable { EPT_W } else { 0 };
+            let leaf = EptEntry::leaf(host, perms, MemType::WriteBack, order == HUGE_ORDER);
             self.install_locked(&mut g, base, order, leaf)
                 .map_err(|addr| FaultError::TableAlloc { addr })?;
             return Ok(Translation {
                 gpa_base: base,
                 order,
                 host_addr: host,
-                writable,
+                writable: b.writable,
             });
         }
     }
@@ -187,21 +161,12 @@ impl ShadowEpt {
         leaf: EptEntry,
     ) -> Result<(), u64> {
         let st = &mut **g;
-        let logging = !st.dirty_log.is_empty();
-        let zapped = &mut st.zapped_dirty;
-        let mut dropped = |gpa: u64, order: u32, old: EptEntry| {
-            if logging && old.dirty() {
-                zapped.push((gpa, order));
-            }
-        };
         if order == HUGE_ORDER {
-            self.table
-                .install_huge(&mut st.store, base, leaf, &mut dropped)?;
+            self.table.install_huge(&mut st.store, base, leaf)?;
             st.stats.installs_2m += 1;
         } else {
             let was_huge = self.table.leaf(base).is_some_and(|l| l.order == HUGE_ORDER);
-            self.table
-                .install_small(&mut st.store, base, leaf, &mut dropped)?;
+            self.table.install_small(&mut st.store, base, leaf)?;
             st.stats.installs_4k += 1;
             st.stats.splits += u64::from(was_huge);
         }
@@ -209,47 +174,30 @@ impl ShadowEpt {
         Ok(())
     }
 
-    /// Lock-free translation of `gpa` (device emulation, the fault fast
-    /// path). Sets the accessed bit, and the dirty bit for `write`, like the
-    /// hardware walker. `None` when nothing is mapped, or for a write through
-    /// a write-protected leaf: use [`ShadowEpt::fault`] then.
+    /// Lock-free translation of `gpa` (the fault fast path). `None` when
+    /// nothing is mapped, or for a write through a read-only leaf (the
+    /// primary maps the page read-only): use [`ShadowEpt::fault`] then.
+    /// Only loads: the walk never writes an entry.
     ///
     /// The result is a snapshot: a caller that keeps using the host address
     /// after an invalidation of the page could have ended must be a notifier
     /// subscriber itself or re-check with the fault protocol ([`MmuLock`]).
     pub fn translate(&self, gpa: u64, write: bool) -> Option<Translation> {
-        let want = EPT_ACCESSED | if write { EPT_DIRTY } else { 0 };
-        loop {
-            let leaf = self.table.leaf(gpa)?;
-            let e = leaf.entry;
-            if write && !e.writable() {
-                return None;
-            }
-            if e.0 & want != want
-                && leaf
-                    .slot
-                    .compare_exchange(
-                        e.0,
-                        e.0 | want,
-                        AtomicOrdering::AcqRel,
-                        AtomicOrdering::Acquire,
-                    )
-                    .is_err()
-            {
-                // Changed under us (zap, split, write-protect): walk again.
-                continue;
-            }
-            return Some(Translation {
-                gpa_base: leaf.gpa_base,
-                order: leaf.order,
-                host_addr: e.addr(),
-                writable: e.writable(),
-            });
+        let leaf = self.table.leaf(gpa)?;
+        let e = leaf.entry;
+        if write && !e.writable() {
+            return None;
         }
+        Some(Translation {
+            gpa_base: leaf.gpa_base,
+            order: leaf.order,
+            host_addr: e.addr(),
+            writable: e.writable(),
+        })
     }
 
-    /// Lock-free look at the leaf mapping `gpa` with its raw entry, without
-    /// touching accessed/dirty bits (for checkers and statistics).
+    /// Lock-free look at the leaf mapping `gpa` with its raw entry (for
+    /// checkers and statistics).
     pub fn peek(&self, gpa: u64) -> Option<(Translation, EptEntry)> {
         let leaf = self.table.leaf(gpa)?;
         let t = Translation {
@@ -261,42 +209,13 @@ impl ShadowEpt {
         Some((t, leaf.entry))
     }
 
-    /// Split the 2 MiB leaf mapping `gpa` into 512 4 KiB leaves (all written
-    /// before the new PT is linked). Returns false when `gpa` is not mapped
-    /// by a 2 MiB leaf.
-    pub fn split_huge(&self, gpa: u64) -> Result<bool, FaultError<std::convert::Infallible>> {
-        if gpa >= GPA_LIMIT {
-            return Err(FaultError::OutOfRange { gpa });
-        }
-        let mut g = self.mmu.lock();
-        let st = &mut *g;
-        match self.table.leaf(gpa) {
-            Some(l) if l.order == HUGE_ORDER => {}
-            _ => return Ok(false),
-        }
-        let split = self
-            .table
-            .split(&mut st.store, gpa)
-            .map_err(|addr| FaultError::TableAlloc { addr })?;
-        st.stats.splits += u64::from(split);
-        st.stats.table_pages = st.store.pages();
-        Ok(split)
-    }
-
     /// Remove every leaf overlapping `range` (a 2 MiB leaf goes whole). The
     /// caller holds the lock. Returns the number of leaves removed.
     pub(crate) fn zap_locked(&self, st: &mut EptState, range: GpaRange) -> u64 {
-        let logging = !st.dirty_log.is_empty();
-        let zapped = &mut st.zapped_dirty;
         let mut n = 0;
-        self.table.for_each_leaf(range, |gpa, order, slot| {
-            let old = EptEntry(slot.swap(0, AtomicOrdering::AcqRel));
-            if old.is_present() {
-                n += 1;
-                if logging && old.dirty() {
-                    zapped.push((gpa, order));
-                }
-            }
+        self.table.for_each_leaf(range, |_, _, slot| {
+            slot.store(0, Ordering::Release);
+            n += 1;
         });
         st.stats.zapped_leaves += n;
         n
@@ -323,7 +242,7 @@ impl ShadowEpt {
         let _g = self.mmu.lock();
         let mut out = Vec::new();
         self.table.for_each_leaf(range, |gpa, order, slot| {
-            let e = EptEntry(slot.load(AtomicOrdering::Acquire));
+            let e = EptEntry(slot.load(Ordering::Acquire));
             if e.is_present() {
                 out.push(Translation {
                     gpa_base: gpa,

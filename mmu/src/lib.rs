@@ -5,14 +5,14 @@
 //! - [`fault`]: the fault/invalidate protocol ([`MmuLock`],
 //!   [`InvalidateTracker`]), reusable by the VMM's other subscribers.
 //! - [`ShadowEpt`]: 4-level radix table with lock-free lookups, the fault
-//!   path, invalidation (as [`MmuNotifier`](guestmem::notifier::MmuNotifier)),
-//!   splitting, aging and dirty logging.
+//!   path, invalidation (as [`MmuNotifier`](guestmem::notifier::MmuNotifier))
+//!   including the split of 2 MiB leaves when a primary change splits a huge
+//!   mapping.
 //! - [`PrimaryMap`]: what the fault path needs from the primary map.
 //!
 //! This crate knows nothing about KVM. See `DESIGN.md` for the layers, the
 //! lock order and the memory-ordering arguments.
 
-mod dirty;
 pub mod entry;
 mod ept;
 pub mod fault;
@@ -21,7 +21,6 @@ mod primary;
 mod sync;
 mod table;
 
-pub use dirty::PageBitmap;
 pub use entry::{EptEntry, MemType};
 pub use ept::{EptError, EptStats, ShadowEpt, DEFAULT_FAULT_ATTEMPTS};
 pub use fault::{FaultSeq, InvalidateTracker, MmuGuard, MmuLock};

@@ -1,10 +1,10 @@
 //! Synchronization primitives of the fault protocol: std normally, loom's
-//! under the `loom` feature so the loom model explores the real protocol.
+//! under the `loom` feature so the loom models explore the real protocol.
 //!
-//! Only the protocol state (the invalidation sequence and the mmu lock) is
-//! switched; the page-table entries stay `std` atomics (loom's atomics are
-//! too heavy for 512-entry pages). With `--features loom` the crate only
-//! works inside `loom::model`, so only `tests/loom.rs` runs then.
+//! Everything shared between threads is switched: the invalidation sequence,
+//! the mmu lock and the page-table entries (so loom sees the lock-free
+//! walks too). With `--features loom` the crate only works inside
+//! `loom::model`, so only `tests/loom.rs` runs then.
 
 #[cfg(feature = "loom")]
 pub(crate) use loom::sync::{

@@ -11,16 +11,21 @@
 //!   ever reads entries for the addresses it asked about.
 //! - Invariant: outside the lock every present leaf, linked or not, is a
 //!   translation the fault protocol installed and no invalidation has zapped.
+//! - Readers only load; every store is a writer's, under the lock.
+//!
+//! The entries are `crate::sync` atomics: loom's under the `loom` feature,
+//! so the loom models see the lock-free walks racing installs, splits and
+//! zaps.
 
 use std::collections::HashMap;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use guestmem::notifier::GpaRange;
 use guestmem::PAGE_SIZE;
 
-use crate::entry::{EptEntry, EPT_ACCESSED, EPT_ADDR_MASK, EPT_DIRTY, EPT_LARGE};
+use crate::entry::{EptEntry, EPT_ADDR_MASK, EPT_LARGE};
 use crate::primary::{GPA_LIMIT, HOST_ADDR_LIMIT, HUGE_ORDER, HUGE_SIZE};
+use crate::sync::{AtomicU64, Ordering};
 
 /// Entries per table page.
 pub const ENTRIES: usize = 512;
@@ -41,8 +46,8 @@ const fn next_block(gpa: u64, shift: u32) -> u64 {
     (gpa | ((1 << shift) - 1)) + 1
 }
 
-/// The 4 KiB child `i` of a 2 MiB leaf: same permissions, memory type and
-/// accessed/dirty bits, address advanced by `i` pages.
+/// The 4 KiB child `i` of a 2 MiB leaf: same permissions and memory type,
+/// address advanced by `i` pages.
 fn split_child(huge: EptEntry, i: usize) -> u64 {
     let flags = huge.0 & !(EPT_ADDR_MASK | EPT_LARGE);
     flags | ((huge.addr() + i as u64 * PAGE_SIZE) & EPT_ADDR_MASK)
@@ -69,8 +74,13 @@ impl PageStore {
     }
 
     fn alloc() -> Result<NonNull<TablePage>, u64> {
+        #[cfg(not(feature = "loom"))]
         let page = Box::new(TablePage {
             e: [const { AtomicU64::new(0) }; ENTRIES],
+        });
+        #[cfg(feature = "loom")]
+        let page = Box::new(TablePage {
+            e: std::array::from_fn(|_| AtomicU64::new(0)),
         });
         let addr = &*page as *const TablePage as u64;
         if addr >= HOST_ADDR_LIMIT {
@@ -97,8 +107,7 @@ impl Drop for PageStore {
 }
 
 /// A leaf found by a walk.
-pub(crate) struct Leaf<'a> {
-    pub slot: &'a AtomicU64,
+pub(crate) struct Leaf {
     pub entry: EptEntry,
     /// First GPA the leaf maps.
     pub gpa_base: u64,
@@ -145,7 +154,7 @@ impl Table {
     }
 
     /// Lock-free walk to the leaf mapping `gpa`.
-    pub(crate) fn leaf(&self, gpa: u64) -> Option<Leaf<'_>> {
+    pub(crate) fn leaf(&self, gpa: u64) -> Option<Leaf> {
         if gpa >= GPA_LIMIT {
             return None;
         }
@@ -157,23 +166,19 @@ impl Table {
         if !EptEntry(l3).is_present() {
             return None;
         }
-        let slot = &self.child(l3).e[index(gpa, 2)];
-        let l2 = EptEntry(slot.load(Ordering::Acquire));
+        let l2 = EptEntry(self.child(l3).e[index(gpa, 2)].load(Ordering::Acquire));
         if !l2.is_present() {
             return None;
         }
         if l2.is_large() {
             return Some(Leaf {
-                slot,
                 entry: l2,
                 gpa_base: gpa & !(HUGE_SIZE - 1),
                 order: HUGE_ORDER,
             });
         }
-        let slot = &self.child(l2.0).e[index(gpa, 1)];
-        let l1 = EptEntry(slot.load(Ordering::Acquire));
+        let l1 = EptEntry(self.child(l2.0).e[index(gpa, 1)].load(Ordering::Acquire));
         l1.is_present().then_some(Leaf {
-            slot,
             entry: l1,
             gpa_base: gpa & !(PAGE_SIZE - 1),
             order: 0,
@@ -209,54 +214,25 @@ impl Table {
         Ok(p)
     }
 
-    /// Store `new` in `slot`, keeping accessed/dirty bits that lock-free
-    /// readers set on an old leaf with the same target. Returns the old leaf.
-    fn replace_leaf(slot: &AtomicU64, new: EptEntry) -> EptEntry {
-        let mut old = slot.load(Ordering::Acquire);
-        loop {
-            let same = EptEntry(old).is_present()
-                && EptEntry(old).addr() == new.addr()
-                && EptEntry(old).is_large() == new.is_large();
-            let val = if same {
-                new.0 | (old & (EPT_ACCESSED | EPT_DIRTY))
-            } else {
-                new.0
-            };
-            match slot.compare_exchange_weak(old, val, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return EptEntry(old),
-                Err(cur) => old = cur,
-            }
-        }
-    }
-
     /// Install a 2 MiB leaf at the slot of `gpa` (aligned). A linked PT is
-    /// replaced and emptied; `dropped` sees every leaf that went away.
+    /// replaced and emptied.
     pub(crate) fn install_huge(
         &self,
         store: &mut PageStore,
         gpa: u64,
         leaf: EptEntry,
-        dropped: &mut impl FnMut(u64, u32, EptEntry),
     ) -> Result<(), u64> {
         let slot = self.pd_slot(store, gpa)?;
         let cur = EptEntry(slot.load(Ordering::Acquire));
+        slot.store(leaf.0, Ordering::Release);
         if cur.is_present() && !cur.is_large() {
-            // Collapse: link the leaf, then empty the PT (its entries stay
-            // valid translations until cleared, see the module invariant).
-            slot.store(leaf.0, Ordering::Release);
-            let pt = self.child(cur.0);
-            for (i, e) in pt.e.iter().enumerate() {
+            // Collapse: the leaf is linked, now empty the PT (its entries
+            // stay valid translations until cleared, see the module
+            // invariant).
+            for e in &self.child(cur.0).e {
                 if e.load(Ordering::Relaxed) != 0 {
-                    let old = EptEntry(e.swap(0, Ordering::AcqRel));
-                    if old.is_present() {
-                        dropped(gpa + i as u64 * PAGE_SIZE, 0, old);
-                    }
+                    e.store(0, Ordering::Release);
                 }
-            }
-        } else {
-            let old = Self::replace_leaf(slot, leaf);
-            if old.is_present() && old.addr() != leaf.addr() {
-                dropped(gpa, HUGE_ORDER, old);
             }
         }
         Ok(())
@@ -268,7 +244,6 @@ impl Table {
         store: &mut PageStore,
         gpa: u64,
         leaf: EptEntry,
-        dropped: &mut impl FnMut(u64, u32, EptEntry),
     ) -> Result<(), u64> {
         let slot = self.pd_slot(store, gpa)?;
         let cur = EptEntry(slot.load(Ordering::Acquire));
@@ -283,16 +258,13 @@ impl Table {
             slot.store(EptEntry::table(p.as_ptr() as u64).0, Ordering::Release);
             pt
         };
-        let old = Self::replace_leaf(&pt.e[index(gpa, 1)], leaf);
-        if old.is_present() && old.addr() != leaf.addr() {
-            dropped(gpa & !(PAGE_SIZE - 1), 0, old);
-        }
+        pt.e[index(gpa, 1)].store(leaf.0, Ordering::Release);
         Ok(())
     }
 
     /// Split the 2 MiB leaf in `slot` into its PT: all 512 children are
-    /// written before the PT is linked (one compare-exchange, retried when a
-    /// reader set accessed/dirty on the leaf meanwhile).
+    /// written before the PT is linked (one `Release` store, so a reader
+    /// that loads the link sees every child).
     fn split_slot(
         &self,
         store: &mut PageStore,
@@ -302,20 +274,11 @@ impl Table {
         let p = self.pt_page(store, gpa)?;
         // SAFETY: owned by `store`, alive while the table lives.
         let pt: &TablePage = unsafe { p.as_ref() };
-        let link = EptEntry::table(p.as_ptr() as u64).0;
-        let mut cur = slot.load(Ordering::Acquire);
+        let huge = EptEntry(slot.load(Ordering::Relaxed));
         for (i, e) in pt.e.iter().enumerate() {
-            e.store(split_child(EptEntry(cur), i), Ordering::Release);
+            e.store(split_child(huge, i), Ordering::Relaxed);
         }
-        while let Err(now) =
-            slot.compare_exchange_weak(cur, link, Ordering::AcqRel, Ordering::Acquire)
-        {
-            // Only accessed/dirty bits can change outside the lock.
-            for e in &pt.e {
-                e.fetch_or(now & (EPT_ACCESSED | EPT_DIRTY), Ordering::AcqRel);
-            }
-            cur = now;
-        }
+        slot.store(EptEntry::table(p.as_ptr() as u64).0, Ordering::Release);
         Ok(pt)
     }
 
@@ -332,7 +295,7 @@ impl Table {
 
     /// Call `f(gpa_base, order, slot)` for every present leaf overlapping
     /// `range`; a 2 MiB leaf is passed whole even when `range` covers part of
-    /// it. Used under the lock (zap, write-protect, aging, dirty log).
+    /// it. Used under the lock (zap, checkers).
     pub(crate) fn for_each_leaf(&self, range: GpaRange, mut f: impl FnMut(u64, u32, &AtomicU64)) {
         let end = range.end.min(GPA_LIMIT);
         let mut gpa = range.start & !(HUGE_SIZE - 1);

@@ -1,5 +1,5 @@
-//! Proptest: random fault / invalidate / split sequences against a flat
-//! model of what the shadow EPT must hold.
+//! Proptest: random fault / translate / invalidate / split sequences
+//! against a flat model of what the shadow EPT must hold.
 #![cfg(not(feature = "loom"))]
 
 mod common;
@@ -23,12 +23,9 @@ enum Op {
     Unmap { page: u64, pages: u64 },
     Migrate { page: u64 },
     SplitPrimary { slot: u64 },
-    SplitEpt { page: u64 },
     // Poison / soft offline / partial release of `pages` pages (fresh
     // frames when `mig`, else none) through a split-aware invalidation.
     ChangePages { page: u64, pages: u64, mig: bool },
-    WriteProtect { page: u64, pages: u64 },
-    Age,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -38,24 +35,22 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..PAGES, 1..700u64).prop_map(|(page, pages)| Op::Unmap { page, pages }),
         1 => (0..PAGES).prop_map(|page| Op::Migrate { page }),
         1 => (0..4u64).prop_map(|slot| Op::SplitPrimary { slot }),
-        1 => (0..PAGES).prop_map(|page| Op::SplitEpt { page }),
         2 => (0..PAGES, prop_oneof![3 => Just(1u64), 1 => 1..700u64], any::<bool>())
             .prop_map(|(page, pages, mig)| Op::ChangePages { page, pages, mig }),
-        1 => (0..PAGES, 1..700u64).prop_map(|(page, pages)| Op::WriteProtect { page, pages }),
-        1 => Just(Op::Age),
     ]
 }
 
-/// The model: leaves the EPT must hold, base -> (order, host, writable).
-type Model = BTreeMap<u64, (u32, u64, bool)>;
+/// The model: leaves the EPT must hold, base -> (order, host). The flat
+/// primary maps everything writable, so every leaf is writable.
+type Model = BTreeMap<u64, (u32, u64)>;
 
-fn model_find(m: &Model, gpa: u64) -> Option<(u64, u32, u64, bool)> {
-    let (&b, &(o, h, w)) = m.range(..=gpa).next_back()?;
-    (gpa < b + (PAGE_SIZE << o)).then_some((b, o, h, w))
+fn model_find(m: &Model, gpa: u64) -> Option<(u64, u32, u64)> {
+    let (&b, &(o, h)) = m.range(..=gpa).next_back()?;
+    (gpa < b + (PAGE_SIZE << o)).then_some((b, o, h))
 }
 
 fn model_zap(m: &mut Model, r: GpaRange) {
-    m.retain(|&b, &mut (o, _, _)| !GpaRange::new(b, PAGE_SIZE << o).overlaps(&r));
+    m.retain(|&b, &mut (o, _)| !GpaRange::new(b, PAGE_SIZE << o).overlaps(&r));
 }
 
 proptest! {
@@ -77,8 +72,9 @@ proptest! {
                         continue;
                     }
                     let t = r.unwrap();
+                    prop_assert!(t.writable);
                     match model_find(&m, gpa) {
-                        Some((b, o, h, w)) if w || !write => {
+                        Some((b, o, h)) => {
                             // Already mapped: the fast path returns it.
                             prop_assert_eq!((t.gpa_base, t.order, t.host_addr), (b, o, h));
                         }
@@ -91,16 +87,14 @@ proptest! {
                                 prop_assert_eq!((t.gpa_base, t.order), (gpa, 0));
                                 prop_assert_eq!(t.host_addr, ph);
                             }
-                            m.insert(t.gpa_base, (t.order, t.host_addr, true));
+                            m.insert(t.gpa_base, (t.order, t.host_addr));
                         }
                     }
                 }
                 Op::Translate { page, write } => {
                     let gpa = page * PAGE_SIZE;
                     let got = ept.translate(gpa, write).map(|t| (t.gpa_base, t.order, t.host_addr));
-                    let want = model_find(&m, gpa)
-                        .filter(|&(_, _, _, w)| w || !write)
-                        .map(|(b, o, h, _)| (b, o, h));
+                    let want = model_find(&m, gpa);
                     prop_assert_eq!(got, want);
                 }
                 Op::Unmap { page, pages } => {
@@ -121,20 +115,6 @@ proptest! {
                     p.split(slot * HUGE_SIZE);
                     model_zap(&mut m, GpaRange::new(slot * HUGE_SIZE, HUGE_SIZE));
                 }
-                Op::SplitEpt { page } => {
-                    let gpa = page * PAGE_SIZE;
-                    let split = ept.split_huge(gpa).unwrap();
-                    match model_find(&m, gpa) {
-                        Some((b, HUGE_ORDER, h, w)) => {
-                            prop_assert!(split);
-                            m.remove(&b);
-                            for i in 0..512 {
-                                m.insert(b + i * PAGE_SIZE, (0, h + i * PAGE_SIZE, w));
-                            }
-                        }
-                        _ => prop_assert!(!split),
-                    }
-                }
                 Op::ChangePages { page, pages, mig } => {
                     let changed = GpaRange::new(page * PAGE_SIZE, pages * PAGE_SIZE);
                     let before = ept.stats().splits;
@@ -146,13 +126,13 @@ proptest! {
                         .iter()
                         .filter(|&(&b, v)| v.0 == HUGE_ORDER
                             && GpaRange::new(b, HUGE_SIZE).overlaps(&cover))
-                        .map(|(&b, v)| (b, v.1, v.2))
+                        .map(|(&b, v)| (b, v.1))
                         .collect();
                     prop_assert_eq!(ept.stats().splits - before, huge.len() as u64);
-                    for (b, h, w) in huge {
+                    for (b, h) in huge {
                         m.remove(&b);
                         for i in 0..512 {
-                            m.insert(b + i * PAGE_SIZE, (0, h + i * PAGE_SIZE, w));
+                            m.insert(b + i * PAGE_SIZE, (0, h + i * PAGE_SIZE));
                         }
                     }
                     model_zap(&mut m, changed);
@@ -163,26 +143,12 @@ proptest! {
                         }
                     }
                 }
-                Op::WriteProtect { page, pages } => {
-                    let r = GpaRange::new(page * PAGE_SIZE, pages * PAGE_SIZE);
-                    ept.write_protect(r);
-                    for (&b, v) in m.iter_mut() {
-                        if GpaRange::new(b, PAGE_SIZE << v.0).overlaps(&r) {
-                            v.2 = false;
-                        }
-                    }
-                }
-                Op::Age => {
-                    let young = ept.age(GpaRange::new(0, LIMIT));
-                    // Every mapped page was accessed when installed or split.
-                    prop_assert!(young.count() <= m.values().map(|v| 1u64 << v.0).sum::<u64>());
-                    prop_assert!(!ept.test_young(GpaRange::new(0, LIMIT)));
-                }
             }
-            let got: Model = ept
-                .mappings(GpaRange::new(0, 1 << 48))
+            let all = ept.mappings(GpaRange::new(0, 1 << 48));
+            prop_assert!(all.iter().all(|t| t.writable));
+            let got: Model = all
                 .into_iter()
-                .map(|t| (t.gpa_base, (t.order, t.host_addr, t.writable)))
+                .map(|t| (t.gpa_base, (t.order, t.host_addr)))
                 .collect();
             prop_assert_eq!(&got, &m);
             assert_consistent(&ept, &p);

@@ -1,4 +1,4 @@
-//! Functional tests of the fault path, invalidation, split and A/D tracking.
+//! Functional tests of the fault path, invalidation and split.
 #![cfg(not(feature = "loom"))]
 
 mod common;
@@ -26,14 +26,12 @@ fn fault_installs_4k_and_translate_finds_it() {
     let t = ept.fault(0x5123, false, 0, &p).unwrap();
     assert_eq!((t.gpa_base, t.order), (0x5000, 0));
     assert_eq!(t.host_addr, p.host_of(0x5000).unwrap());
-    assert!(t.writable, "not dirty-logged: read fault maps writable");
+    assert!(t.writable, "read fault on a writable page maps it writable");
     let (t2, e) = ept.peek(0x5fff).unwrap();
     assert_eq!(t2, t);
-    assert!(e.accessed() && !e.dirty() && !e.is_large());
+    assert!(e.readable() && e.writable() && !e.is_large());
     assert_eq!(ept.translate(0x6000, false), None);
-    // A write through translate sets the dirty bit.
-    ept.translate(0x5000, true).unwrap();
-    assert!(ept.peek(0x5000).unwrap().1.dirty());
+    assert_eq!(ept.translate(0x5000, true), Some(t));
     assert_consistent(&ept, &p);
 }
 
@@ -44,7 +42,7 @@ fn huge_backing_installs_one_2m_leaf() {
     assert_eq!((t.gpa_base, t.order), (2 * MIB, HUGE_ORDER));
     let (t2, e) = ept.peek(4 * MIB - 1).unwrap();
     assert_eq!(t2, t);
-    assert!(e.is_large() && e.dirty() && e.writable());
+    assert!(e.is_large() && e.writable());
     assert_eq!(ept.stats().installs_2m, 1);
     assert_consistent(&ept, &p);
 }
@@ -98,6 +96,35 @@ fn bad_backing_and_bad_gpa_are_errors() {
     let e = ept.fault(2 * MIB, false, 0, &p).unwrap_err();
     assert!(matches!(e, FaultError::Primary { .. }), "{e}");
     assert!(ept.mappings(GpaRange::new(0, 1 << 48)).is_empty());
+}
+
+#[test]
+fn read_only_primary_page_maps_read_only() {
+    struct Ro;
+    impl PrimaryMap for Ro {
+        type Error = PrimaryError;
+        fn resolve(&self, gpa: u64, _: usize) -> Result<Backing, PrimaryError> {
+            Ok(Backing {
+                gpa_base: gpa & !(PAGE_SIZE - 1),
+                order: 0,
+                host_addr: HOST_BASE + (gpa & !(PAGE_SIZE - 1)),
+                frame: gpa / PAGE_SIZE,
+                writable: false,
+            })
+        }
+    }
+    let ept = ShadowEpt::new().unwrap();
+    let t = ept.fault(0x3000, false, 0, &Ro).unwrap();
+    assert!(!t.writable);
+    assert!(!ept.peek(0x3000).unwrap().1.writable());
+    assert_eq!(ept.translate(0x3000, false), Some(t));
+    assert_eq!(
+        ept.translate(0x3000, true),
+        None,
+        "write through a read-only leaf"
+    );
+    let e = ept.fault(0x3000, true, 0, &Ro).unwrap_err();
+    assert!(matches!(e, FaultError::ReadOnly { gpa: 0x3000 }), "{e}");
 }
 
 #[test]
@@ -169,26 +196,6 @@ fn primary_changes_through_notifier_list_keep_ept_consistent() {
 }
 
 #[test]
-fn split_huge_keeps_translations_and_ad_bits() {
-    let (ept, p) = setup(true);
-    let t = ept.fault(0, true, 0, &p).unwrap();
-    assert!(ept.split_huge(0x1000).unwrap());
-    assert!(!ept.split_huge(0x1000).unwrap(), "already split");
-    for i in 0..512 {
-        let (c, e) = ept.peek(i * PAGE_SIZE).unwrap();
-        assert_eq!((c.order, c.host_addr), (0, t.host_addr + i * PAGE_SIZE));
-        assert!(e.dirty() && e.accessed() && e.writable() && !e.is_large());
-    }
-    assert_consistent(&ept, &p);
-    // A later huge fault (after zap) collapses back into a 2 MiB leaf.
-    p.migrate(0).unwrap();
-    let t = ept.fault(0x3000, false, 0, &p).unwrap();
-    assert_eq!(t.order, HUGE_ORDER);
-    assert_eq!(ept.mappings(GpaRange::new(0, HUGE_SIZE)).len(), 1);
-    assert_consistent(&ept, &p);
-}
-
-#[test]
 fn huge_fault_collapses_linked_pt() {
     // 4 KiB leaves in a slot, then the primary hands out a huge block there
     // (e.g. after khugepaged-like collapse, which invalidates first).
@@ -214,65 +221,6 @@ fn release_drops_everything_and_refuses_faults() {
         ept.fault(0, false, 0, &p),
         Err(FaultError::Released)
     ));
-}
-
-#[test]
-fn aging_test_and_clears_accessed() {
-    let (ept, p) = setup(false);
-    ept.fault(0x1000, false, 0, &p).unwrap();
-    ept.fault(0x2000, false, 0, &p).unwrap();
-    let r = GpaRange::new(0, 0x10000);
-    assert!(ept.test_young(r));
-    let young = ept.age(r);
-    assert_eq!(young.iter().collect::<Vec<_>>(), vec![0x1000, 0x2000]);
-    assert!(!ept.test_young(r));
-    assert_eq!(ept.age(r).count(), 0);
-    ept.translate(0x2000, false).unwrap();
-    assert_eq!(ept.age(r).iter().collect::<Vec<_>>(), vec![0x2000]);
-}
-
-#[test]
-fn write_protect_forces_write_fault() {
-    let (ept, p) = setup(false);
-    ept.fault(0x1000, false, 0, &p).unwrap();
-    assert_eq!(ept.write_protect(GpaRange::new(0, 0x10000)), 1);
-    assert!(ept.translate(0x1000, false).is_some());
-    assert_eq!(ept.translate(0x1000, true), None);
-    let t = ept.fault(0x1000, true, 0, &p).unwrap();
-    assert!(t.writable);
-    assert!(ept.peek(0x1000).unwrap().1.dirty());
-}
-
-#[test]
-fn dirty_log_splits_write_protects_and_collects() {
-    let (ept, p) = setup(true);
-    ept.fault(0, true, 0, &p).unwrap(); // 2 MiB dirty leaf
-    let r = GpaRange::new(0, 4 * MIB);
-    ept.start_dirty_log(r).unwrap();
-    assert_eq!(ept.peek(0).unwrap().0.order, 0, "eager split");
-    assert_eq!(ept.collect_dirty(r).count(), 0, "start clears dirty");
-    assert_eq!(ept.translate(0x5000, true), None, "write-protected");
-    ept.fault(0x5000, true, 0, &p).unwrap();
-    // Read faults in a logged range map read-only 4 KiB leaves.
-    let t = ept.fault(2 * MIB + 0x1000, false, 0, &p).unwrap();
-    assert!(!t.writable && t.order == 0);
-    ept.fault(3 * MIB, true, 0, &p).unwrap();
-    // A dirty leaf zapped by an invalidation is still reported.
-    ept.fault(0x9000, true, 0, &p).unwrap();
-    p.migrate(0x9000); // whole 2 MiB primary mapping migrates
-    let d = ept.collect_dirty(r);
-    let got: Vec<u64> = d.iter().collect();
-    assert!(got.contains(&0x5000) && got.contains(&(3 * MIB)) && got.contains(&0x9000));
-    assert!(!d.is_set(2 * MIB + 0x1000));
-    assert_eq!(ept.collect_dirty(r).count(), 0, "collection resets");
-    assert!(ept.stop_dirty_log(r));
-    assert!(!ept.stop_dirty_log(r));
-    // The existing read-only leaf still satisfies a read (fast path)...
-    assert!(!ept.fault(2 * MIB + 0x1000, false, 0, &p).unwrap().writable);
-    // ...and a new fault in the slot maps 2 MiB writable again (collapse).
-    let t = ept.fault(2 * MIB + 0x2000, false, 0, &p).unwrap();
-    assert!(t.writable && t.order == HUGE_ORDER);
-    assert_consistent(&ept, &p);
 }
 
 #[test]

@@ -345,4 +345,80 @@ mod tests {
         };
         assert!(!e.to_string().contains("max_map_count"));
     }
+
+    /// A view of 2 MiB of RAM over a fresh 2 MiB memfd, and its subscriber.
+    fn kvm_mapping() -> (Arc<GuestView>, KvmMapping, std::os::fd::OwnedFd) {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        // SAFETY: memfd_create with a NUL-terminated static name.
+        let raw = unsafe { libc::memfd_create(c"view-test".as_ptr(), 0) };
+        assert!(
+            raw >= 0,
+            "memfd_create: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `raw` is a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: resizing our own memfd.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), 2 << 20) }, 0);
+        let ram = [GpaRange::new(0, 2 << 20)];
+        let view = Arc::new(GuestView::new(2 << 20, &ram, &[], fd.as_raw_fd()).unwrap());
+        (view.clone(), KvmMapping::new(view), fd)
+    }
+
+    /// True when the view maps the test memfd at `gpa` (/proc/self/maps;
+    /// touching an unpopulated page would block on the userfaultfd).
+    fn maps_memfd(view: &GuestView, gpa: u64) -> bool {
+        let addr = view.base() + gpa;
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        maps.lines().any(|l| {
+            let (lo, hi) = l
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .split_once('-')
+                .unwrap();
+            let lo = u64::from_str_radix(lo, 16).unwrap();
+            let hi = u64::from_str_radix(hi, 16).unwrap();
+            (lo..hi).contains(&addr) && l.contains("memfd:view-test")
+        })
+    }
+
+    /// The pager's step 4: `install` must refuse when an invalidation
+    /// overlapping the range ran, or still runs, since its `fault_begin` (the
+    /// frame it resolved may be gone), and install otherwise.
+    #[test]
+    fn install_refused_after_an_invalidation_since_fault_begin() {
+        use guestmem::notifier::InvalidateReason;
+        let (view, kvm, _fd) = kvm_mapping();
+        let page = GpaRange::new(0x1000, 0x1000);
+        let inv = Invalidation {
+            range: GpaRange::new(0, 0x4000),
+            reason: InvalidateReason::Migrate,
+        };
+        // An invalidation that started and ended inside the window.
+        let seq = kvm.fault_begin();
+        kvm.invalidate_range_start(&inv);
+        kvm.invalidate_range_end(&inv);
+        assert!(
+            !kvm.install(seq, page, 0x1000).unwrap(),
+            "installed although an invalidation ran since fault_begin"
+        );
+        assert!(!maps_memfd(&view, page.start));
+        // One still in progress.
+        let seq = kvm.fault_begin();
+        kvm.invalidate_range_start(&inv);
+        assert!(
+            !kvm.install(seq, page, 0x1000).unwrap(),
+            "installed during an invalidation"
+        );
+        assert!(!maps_memfd(&view, page.start));
+        kvm.invalidate_range_end(&inv);
+        // None in the window: installed, and the next invalidation zaps it.
+        let seq = kvm.fault_begin();
+        assert!(kvm.install(seq, page, 0x1000).unwrap());
+        assert!(maps_memfd(&view, page.start));
+        kvm.invalidate_range_start(&inv);
+        assert!(!maps_memfd(&view, page.start));
+        kvm.invalidate_range_end(&inv);
+    }
 }
