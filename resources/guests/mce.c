@@ -6,12 +6,40 @@
  *     it first starts every AP of the MP table (they park in ring 0 and take
  *     machine checks there too: the count is over all CPUs), e.g. to see an
  *     Intel-style broadcast reach every vCPU.
+ *     Delivery tests (machine checks in quick succession):
+ *     pages=N: a buffer of N written pages at a 2 MiB boundary, named in the
+ *       ready line ("mce: ready buffer=0x.. pages=N"), for the host to poison.
+ *     dwell_ms=N: every #MC handler spins N ms before it returns, i.e. with
+ *       MCG_STATUS.MCIP still set (the kit clears it after the hook).
+ *     probe=K: the wait loop keeps reading page K of the buffer in ring 3
+ *       (mce_probe); an #MC on that load is recovered (RIP moved to
+ *       mce_probe_fixup, "mce: cpu=C recovered probe gpa=0x.."), then the
+ *       probing stops.
+ *     handler_touch=K: the first #MC handler reads page K of the buffer in
+ *       ring 0, with MCIP set ("mce: cpu=C handler reading gpa=0x.. with MCIP
+ *       set"): poison there is a machine check during a machine check.
  *   mce=selftest: enters the vector-18 handler from ring 0 with a software-built
  *     frame (int $18 is not emulated on this host); the guest's hook resumes it;
  *     exits 0. */
 #include "kit/kit.h"
 
 static volatile u32 selftest;
+static u64 dwell_ms, tsc_khz, buffer, handler_touch = ~0UL;
+static volatile u32 probe_hit;
+
+/* u64 mce_probe(const u64 *p): the word at p; ~0 when a machine check hit the
+ * load (the hook moves RIP to mce_probe_fixup). Leaf, no stack use. */
+u64 mce_probe(const u64 *p);
+extern char mce_probe_end[], mce_probe_fixup[];
+__asm__(".text\n"
+        ".globl mce_probe, mce_probe_end, mce_probe_fixup\n"
+        "mce_probe:\n"
+        "    mov (%rdi), %rax\n"
+        "    ret\n"
+        "mce_probe_end:\n"
+        "mce_probe_fixup:\n"
+        "    mov $-1, %rax\n"
+        "    ret\n");
 /* First valid bank each CPU saw (ring-0 output of several CPUs interleaves,
  * so `aps=1` prints these as whole lines from ring 3 at the end). */
 static struct {
@@ -30,6 +58,29 @@ enum kit_mce_action kit_mce_hook(struct kit_trap_frame *f, const struct kit_mce_
         first[c].addr = info->banks[0].addr;
         first[c].mcg_status = info->mcg_status;
         first[c].seen = 1;
+    }
+    if (handler_touch != ~0UL) {
+        u64 gpa = buffer + handler_touch * 4096;
+        handler_touch = ~0UL;
+        kit_printf("mce: cpu=%u handler reading gpa=0x%lx with MCIP set\n", c, gpa);
+        u64 v = *(volatile u64 *)gpa;
+        kit_printf("mce: cpu=%u handler read 0x%lx\n", c, v);
+    }
+    if (dwell_ms) {
+        u64 end = kit_rdtsc() + dwell_ms * tsc_khz;
+        while ((i64)(kit_rdtsc() - end) < 0)
+            kit_pause();
+    }
+    /* Only the check for the probed page itself: an action-optional #MC for
+     * another page may interrupt the probe too, and just resumes it. */
+    bool on_probe = false;
+    for (u32 i = 0; i < info->nr_valid; i++)
+        on_probe |= (info->banks[i].addr & ~0xfffUL) == (f->rdi & ~0xfffUL);
+    if ((f->cs & 3) == 3 && f->rip >= (u64)mce_probe && f->rip < (u64)mce_probe_end && on_probe) {
+        kit_printf("mce: cpu=%u recovered probe gpa=0x%lx\n", c, f->rdi);
+        f->rip = (u64)mce_probe_fixup;
+        __atomic_store_n(&probe_hit, 1, __ATOMIC_RELEASE);
+        return KIT_MCE_RESUME;
     }
     return selftest ? KIT_MCE_RESUME : KIT_MCE_DEFAULT;
 }
@@ -84,10 +135,14 @@ int guest_main(void)
         kit_printf("mce: FAIL unknown mce= mode (want wait or selftest)\n");
         return KIT_EXIT_CMDLINE;
     }
-    bool bad1, bad2;
+    bool bad1, bad2, bad3, bad4, bad5, bad6;
     u64 wait_ms = kit_cmdline_u64("wait_ms", 10000, &bad1), want = kit_cmdline_u64("count", 1, &bad2);
-    if (bad1 || bad2) {
-        kit_printf("mce: FAIL bad wait_ms= or count= value\n");
+    u64 pages = kit_cmdline_u64("pages", 0, &bad3), probe = kit_cmdline_u64("probe", ~0UL, &bad4);
+    u64 touch = kit_cmdline_u64("handler_touch", ~0UL, &bad5);
+    dwell_ms = kit_cmdline_u64("dwell_ms", 0, &bad6);
+    if (bad1 || bad2 || bad3 || bad4 || bad5 || bad6 || pages > 4096 || (probe != ~0UL && probe >= pages) ||
+        (touch != ~0UL && touch >= pages)) {
+        kit_printf("mce: FAIL bad wait_ms=, count=, pages=, probe=, handler_touch= or dwell_ms= value\n");
         return KIT_EXIT_CMDLINE;
     }
     if (!mca) {
@@ -96,12 +151,30 @@ int guest_main(void)
     }
     if (kit_cmdline_flag("aps"))
         kit_start_aps();
-    kit_printf("mce: ready\n");
-    u64 end = kit_rdtsc() + wait_ms * kit_tsc_khz();
+    tsc_khz = kit_tsc_khz(); /* calibrated here, in ring 3; the hook only reads it */
+    if (pages) {
+        u64 *buf = kit_alloc(pages * 4096, 2UL << 20);
+        for (u64 i = 0; i < pages * 512; i++)
+            buf[i] = (u64)&buf[i];
+        buffer = (u64)buf;
+        kit_printf("mce: ready buffer=0x%lx pages=%lu\n", buffer, pages);
+    } else {
+        kit_printf("mce: ready\n");
+    }
+    handler_touch = touch;
+    const u64 *probe_at = probe != ~0UL ? (const u64 *)(buffer + probe * 4096) : 0;
+    u64 end = kit_rdtsc() + wait_ms * tsc_khz;
     while (kit_mce_count < want) {
         if ((i64)(kit_rdtsc() - end) > 0) {
             kit_printf("mce: FAIL timeout: %u of %lu machine checks after %lu ms\n", kit_mce_count, want, wait_ms);
             return KIT_EXIT_FAIL;
+        }
+        if (probe_at && !__atomic_load_n(&probe_hit, __ATOMIC_ACQUIRE)) {
+            u64 v = mce_probe(probe_at);
+            if (v != ~0UL && v != (u64)probe_at) {
+                kit_printf("mce: FAIL probe gpa=0x%lx read 0x%lx\n", (u64)probe_at, v);
+                return KIT_EXIT_FAIL;
+            }
         }
         kit_pause();
     }

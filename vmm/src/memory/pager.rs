@@ -13,9 +13,17 @@
 //!    step 2 (then back to step 2).
 //! 5. Wake the sleeping thread: it retries and finds the page.
 //!
-//! A poisoned GPA is resolved with a poison marker instead: KVM turns the
-//! access into SIGBUS(BUS_MCEERR_AR) on the vCPU thread, which injects a
+//! A poisoned GPA is resolved with a poison marker instead, under the same
+//! sequence check as step 4 (a reset in between heals the page): KVM turns
+//! the access into SIGBUS(BUS_MCEERR_AR) on the vCPU thread, which injects a
 //! machine check into the guest (see `vstate::mce`).
+//!
+//! Retries are bounded: after [`MAX_ATTEMPTS`] refused installs in a row
+//! the pager wakes the waiting thread without mapping anything. The access
+//! then faults again and comes back as a new event, after the faults queued
+//! behind it (as a KVM fault that returns RET_PF_RETRY re-enters the guest
+//! and faults again), so a range under constant invalidation cannot stall
+//! the single pager thread and every other vCPU with it.
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
@@ -46,6 +54,10 @@ impl PrimaryMap for Primary {
     }
 }
 
+/// Resolve attempts for one fault event before the pager hands it back to
+/// the faulting thread (it faults again: a new event).
+pub const MAX_ATTEMPTS: u32 = 8;
+
 /// Counters of the pager.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct PagerStats {
@@ -57,6 +69,9 @@ pub struct PagerStats {
     pub poisoned: u64,
     /// Retries because an invalidation intervened.
     pub retries: u64,
+    /// Fault events handed back unresolved after [`MAX_ATTEMPTS`] attempts
+    /// (the thread faults again).
+    pub requeued: u64,
 }
 
 /// Everything the pager thread needs.
@@ -137,7 +152,7 @@ impl Pager {
             .copied()
             .unwrap_or(0);
         let primary = Primary(self.gm.clone());
-        loop {
+        for _ in 0..MAX_ATTEMPTS {
             let seq = self.kvm.fault_begin();
             match self.ept.fault(gpa, write, cpu, &primary) {
                 Ok(t) => {
@@ -163,14 +178,18 @@ impl Pager {
                     source: ResolveError::Poisoned { .. },
                     ..
                 }) => {
-                    self.stats
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .poisoned += 1;
-                    return self
-                        .view
-                        .poison(GpaRange::new(gpa, guestmem::PAGE_SIZE))
-                        .map_err(|e| format!("pager: {e}"));
+                    let page = GpaRange::new(gpa, guestmem::PAGE_SIZE);
+                    let installed = self
+                        .kvm
+                        .install_poison(seq, page)
+                        .map_err(|e| format!("pager: {e}"))?;
+                    let mut st = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+                    if !installed {
+                        st.retries += 1;
+                        continue;
+                    }
+                    st.poisoned += 1;
+                    return Ok(());
                 }
                 Err(FaultError::Retry { .. }) => {
                     self.stats.lock().unwrap_or_else(|e| e.into_inner()).retries += 1;
@@ -183,5 +202,71 @@ impl Pager {
                 }
             }
         }
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).requeued += 1;
+        self.view
+            .wake(GpaRange::new(gpa, guestmem::PAGE_SIZE))
+            .map_err(|e| format!("pager: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guestmem::notifier::{InvalidateReason, Invalidation, MmuNotifier};
+    use guestmem::GuestMemoryConfig;
+
+    /// A pager over 4 MiB of guest RAM, not running its thread.
+    fn pager() -> Arc<Pager> {
+        let cfg = GuestMemoryConfig::x86(4 << 20, 1);
+        let ram = cfg.ram.clone();
+        let gm = Arc::new(GuestMemory::new(cfg).unwrap());
+        let span = ram.iter().map(|r| r.end).max().unwrap();
+        let view = Arc::new(GuestView::new(span, &ram, &[], gm.pool().fd()).unwrap());
+        let ept = Arc::new(ShadowEpt::new().unwrap());
+        let kvm = Arc::new(KvmMapping::new(view.clone()));
+        gm.notifiers().register(ept.clone());
+        gm.notifiers().register(kvm.clone());
+        Arc::new(Pager {
+            gm,
+            ept,
+            view,
+            kvm,
+            exit: Arc::new(ExitSignal::new().unwrap()),
+            vcpu_tids: Mutex::new(HashMap::new()),
+            stats: Mutex::new(PagerStats::default()),
+            stop: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        })
+    }
+
+    /// A fault on a range whose invalidation never ends (the install is
+    /// refused every time) is handed back after MAX_ATTEMPTS instead of
+    /// keeping the single pager thread (and every other fault) busy.
+    #[test]
+    fn retries_are_bounded_and_the_fault_is_handed_back() {
+        let p = pager();
+        let gpa = 2 << 20;
+        let inv = Invalidation {
+            range: GpaRange::new(gpa, 2 << 20),
+            reason: InvalidateReason::Migrate,
+        };
+        p.kvm.invalidate_range_start(&inv);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let q = p.clone();
+        std::thread::spawn(move || {
+            let addr = q.view.base() + gpa;
+            let _ = tx.send(q.handle(addr, true, 0));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("pager::handle still retrying after 10 s: retries are unbounded");
+        assert_eq!(r, Ok(()));
+        let st = *p.stats.lock().unwrap();
+        assert_eq!(st.requeued, 1, "{st:?}");
+        assert_eq!(st.retries, u64::from(MAX_ATTEMPTS), "{st:?}");
+        assert_eq!(st.faults, 0, "{st:?}");
+        p.kvm.invalidate_range_end(&inv);
+        // Once the invalidation is over the same fault resolves.
+        p.handle(p.view.base() + gpa, true, 0).unwrap();
+        assert_eq!(p.stats.lock().unwrap().faults, 1);
     }
 }

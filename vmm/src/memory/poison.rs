@@ -138,6 +138,10 @@ struct Counters {
     already_poisoned: u64,
     mce_required_injected: u64,
     mce_optional_injected: u64,
+    /// Machine checks that had to wait for the guest to clear MCG_STATUS.MCIP.
+    mce_deferred: u64,
+    /// Machine checks dropped because their vCPU's queue was full.
+    mce_dropped: u64,
 }
 
 const LOG_LEN: usize = 64;
@@ -176,6 +180,24 @@ impl PoisonLog {
             McAction::Required => g.1.mce_required_injected += 1,
             McAction::Optional => g.1.mce_optional_injected += 1,
         }
+    }
+
+    /// Count a machine check held until the guest clears MCIP.
+    pub fn deferred(&self) {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .mce_deferred += 1;
+    }
+
+    /// Count a machine check dropped (full queue).
+    pub fn dropped(&self) {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .mce_dropped += 1;
     }
 
     /// JSON for `GET /memory`.
@@ -325,6 +347,20 @@ impl GuestRam {
     pub fn record_mce(&self, action: McAction) {
         if let Some(m) = &self.managed {
             m.poison.injected(action);
+        }
+    }
+
+    /// Count a machine check held until the guest clears MCG_STATUS.MCIP.
+    pub fn record_mce_deferred(&self) {
+        if let Some(m) = &self.managed {
+            m.poison.deferred();
+        }
+    }
+
+    /// Count a machine check dropped because its vCPU's queue was full.
+    pub fn record_mce_dropped(&self) {
+        if let Some(m) = &self.managed {
+            m.poison.dropped();
         }
     }
 }

@@ -289,6 +289,22 @@ impl KvmMapping {
         drop(g);
         Ok(true)
     }
+
+    /// Install a poison marker for `r` (the page resolved as poisoned)
+    /// under the same rule as [`KvmMapping::install`]: not if an
+    /// invalidation overlapping it ran or runs since `seq`, because the
+    /// answer "poisoned" may be stale by then (a guest reset gives the page
+    /// a fresh frame inside such an invalidation). Returns false when the
+    /// caller must resolve again.
+    pub fn install_poison(&self, seq: FaultSeq, r: GpaRange) -> Result<bool, ViewError> {
+        let g = self.lock.lock();
+        if g.retry_needed(seq, r) {
+            return Ok(false);
+        }
+        self.view.poison(r)?;
+        drop(g);
+        Ok(true)
+    }
 }
 
 impl MmuNotifier for KvmMapping {
@@ -420,5 +436,51 @@ mod tests {
         kvm.invalidate_range_start(&inv);
         assert!(!maps_memfd(&view, page.start));
         kvm.invalidate_range_end(&inv);
+    }
+
+    /// The pager's poison marker follows the same rule: an invalidation
+    /// since `fault_begin` (e.g. the guest reset that healed the page)
+    /// makes the "poisoned" answer stale, so no marker is installed.
+    #[test]
+    fn poison_marker_refused_after_an_invalidation_since_fault_begin() {
+        use guestmem::notifier::InvalidateReason;
+        let (view, kvm, _fd) = kvm_mapping();
+        let page = GpaRange::new(0x3000, 0x1000);
+        let inv = Invalidation {
+            range: GpaRange::new(0, 2 << 20),
+            reason: InvalidateReason::Migrate,
+        };
+        let seq = kvm.fault_begin();
+        kvm.invalidate_range_start(&inv);
+        kvm.invalidate_range_end(&inv);
+        assert!(
+            !kvm.install_poison(seq, page).unwrap(),
+            "poison marker installed although an invalidation ran since fault_begin"
+        );
+        assert!(!poisoned(&view, page.start));
+        let seq = kvm.fault_begin();
+        assert!(kvm.install_poison(seq, page).unwrap());
+        assert!(poisoned(&view, page.start));
+    }
+
+    /// True when the view's page at `gpa` carries a poison marker: reading
+    /// it raises SIGBUS (checked in a child process, which then exits).
+    fn poisoned(view: &GuestView, gpa: u64) -> bool {
+        let addr = view.base() + gpa;
+        // SAFETY: fork in a test; the child only reads one byte and calls
+        // _exit (async-signal-safe), the parent waits for it.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            // SAFETY: reading the view, which stays mapped in the child; a
+            // poison marker kills the child with SIGBUS.
+            let _ = unsafe { std::ptr::read_volatile(addr as *const u8) };
+            // SAFETY: leave the child without running the parent's state.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGBUS
     }
 }

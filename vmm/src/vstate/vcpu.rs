@@ -7,7 +7,8 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 
 use super::assist::{self, Assists};
 use super::control::VcpuControl;
-use super::mce;
+pub use super::mce::MceState;
+use super::mce::{self, PendingMce};
 use crate::boot::{cpuid, regs, BootEntry};
 use crate::devices::Bus;
 use crate::exit::{ExitReason, ExitSignal};
@@ -62,140 +63,6 @@ pub struct VcpuShared {
     pub assists: Arc<Assists>,
 }
 
-/// A queued machine check.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum PendingMce {
-    /// The memory error itself.
-    Error(mce::McAction, u64),
-    /// The placeholder other vCPUs get when an Intel-style check is broadcast.
-    Broadcast,
-}
-
-/// Machine-check configuration and per-vCPU queues of pending checks.
-///
-/// Lock order: `threads` before a `pending` queue (kicks look at both).
-pub struct MceState {
-    /// MCG_CAP given to every vCPU (None: KVM has no MCE support).
-    pub mcg_cap: Option<u64>,
-    /// Encoding the guest expects.
-    pub vendor: mce::McaVendor,
-    pending: Vec<std::sync::Mutex<Vec<PendingMce>>>,
-    /// pthread of each vCPU thread while it is in its run loop (None outside).
-    threads: std::sync::Mutex<Vec<Option<(libc::pthread_t, i32)>>>,
-}
-
-impl MceState {
-    /// State for `vcpus` vCPUs.
-    pub fn new(mcg_cap: Option<u64>, vendor: mce::McaVendor, vcpus: u32) -> Self {
-        Self {
-            mcg_cap,
-            vendor,
-            pending: (0..vcpus).map(|_| Default::default()).collect(),
-            threads: std::sync::Mutex::new(vec![None; vcpus as usize]),
-        }
-    }
-
-    fn push(&self, index: u32, m: PendingMce) -> bool {
-        match self.pending.get(index as usize) {
-            Some(q) => {
-                q.lock().unwrap_or_else(|e| e.into_inner()).push(m);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Queue a machine check for vCPU `index` only (the caller kicks it).
-    pub fn queue(&self, index: u32, action: mce::McAction, gpa: u64) -> bool {
-        self.push(index, PendingMce::Error(action, gpa))
-    }
-
-    /// Whether a machine check must reach every vCPU: Intel-style MCA
-    /// (Linux waits for all CPUs in its #MC handler unless the check is
-    /// local, LMCE, which this VMM does not offer) with more than one vCPU.
-    /// AMD machine checks are local.
-    pub fn broadcasts(&self) -> bool {
-        self.vendor == mce::McaVendor::Intel && self.pending.len() > 1
-    }
-
-    /// Queue the broadcast placeholder on every vCPU but `except` (when
-    /// [`MceState::broadcasts`]); returns the vCPUs queued.
-    fn queue_broadcast(&self, except: u32) -> Vec<u32> {
-        if !self.broadcasts() {
-            return Vec::new();
-        }
-        (0..self.pending.len() as u32)
-            .filter(|&i| i != except && self.push(i, PendingMce::Broadcast))
-            .collect()
-    }
-
-    /// Queue a machine check as the hardware would raise it: the error on
-    /// `target`, and for Intel-style MCA with several vCPUs the broadcast
-    /// placeholder on all others (QEMU does the same). Returns every vCPU
-    /// that got something; kick them with [`MceState::kick_until_taken`].
-    pub fn queue_for(&self, target: u32, action: mce::McAction, gpa: u64) -> Vec<u32> {
-        if !self.queue(target, action, gpa) {
-            return Vec::new();
-        }
-        let mut v = vec![target];
-        v.extend(self.queue_broadcast(target));
-        v
-    }
-
-    fn is_pending(&self, index: u32) -> bool {
-        self.pending
-            .get(index as usize)
-            .is_some_and(|q| !q.lock().unwrap_or_else(|e| e.into_inner()).is_empty())
-    }
-
-    /// Kick `vcpus` out of KVM_RUN until each has taken its queue (kicks
-    /// repeat: one landing just before KVM_RUN is lost), for at most
-    /// `timeout` (a paused vCPU takes its queue when it resumes).
-    pub fn kick_until_taken(&self, vcpus: &[u32], timeout: std::time::Duration) {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let mut waiting = false;
-            {
-                let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
-                for &i in vcpus {
-                    if let (Some(Some((t, tid))), true) =
-                        (threads.get(i as usize), self.is_pending(i))
-                    {
-                        waiting = true;
-                        if super::control::kick_is_safe(*tid) {
-                            // SAFETY: the thread is inside its run loop: it
-                            // unregisters (under this lock) before it ends.
-                            unsafe { libc::pthread_kill(*t, super::control::kick_signal()) };
-                        }
-                    }
-                }
-            }
-            if !waiting || std::time::Instant::now() >= deadline {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-    }
-
-    fn set_thread(&self, index: u32, t: Option<(libc::pthread_t, i32)>) {
-        if let Some(slot) = self
-            .threads
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(index as usize)
-        {
-            *slot = t;
-        }
-    }
-
-    fn take(&self, index: u32) -> Vec<PendingMce> {
-        self.pending
-            .get(index as usize)
-            .map(|q| std::mem::take(&mut *q.lock().unwrap_or_else(|e| e.into_inner())))
-            .unwrap_or_default()
-    }
-}
-
 enum RamAccess<'a> {
     Read(&'a mut [u8]),
     Write(&'a [u8]),
@@ -224,7 +91,11 @@ fn ram_access(
     match r {
         Ok(()) => None,
         Err(crate::memory::dma::DmaError::Poisoned(page)) => {
-            shared.mce.queue_for(index, mce::McAction::Required, page);
+            let queued = shared.mce.queue_for(index, mce::McAction::Required, page);
+            let others = queued.get(1..).unwrap_or_default();
+            shared
+                .mce
+                .kick_until_taken(others, std::time::Duration::from_millis(100));
             None
         }
         Err(e) => Some(ExitReason::Internal(format!(
@@ -240,6 +111,8 @@ pub struct Vcpu {
     shared: VcpuShared,
     /// The local APIC as created (before LINT setup): what a reset restores.
     power_on_lapic: kvm_bindings::kvm_lapic_state,
+    /// Machine-check gate of this vCPU (see [`mce::Gate`]).
+    gate: mce::Gate,
 }
 
 impl Vcpu {
@@ -273,11 +146,13 @@ impl Vcpu {
         if let Some(cap) = shared.mce.mcg_cap {
             mce::setup(&fd, cap).map_err(|e| VcpuError::Mce { index, err: e })?;
         }
+        shared.mce.attach_ram(shared.ram.clone());
         Ok(Self {
             fd,
             index,
             shared,
             power_on_lapic,
+            gate: mce::Gate::default(),
         })
     }
 
@@ -315,7 +190,9 @@ impl Vcpu {
         self.shared.mce.set_thread(self.index, Some(me));
         self.shared.control.register_current_thread();
         while self.shared.control.wait_runnable() {
-            if let Some(reason) = self.run_once().or_else(|| self.deliver_machine_checks()) {
+            // Machine checks go in before each entry: what was queued while
+            // the vCPU was paused, and what the last exit brought (SIGBUS).
+            if let Some(reason) = self.deliver_machine_checks().or_else(|| self.run_once()) {
                 self.shared.exit.request(reason);
                 break;
             }
@@ -343,6 +220,10 @@ impl Vcpu {
         self.fd
             .set_vcpu_events(&Default::default())
             .map_err(io_err("clear vCPU events"))?;
+        // Checks for the old boot are not for the new one (MCG_STATUS is
+        // cleared below too).
+        self.shared.mce.clear(index);
+        self.gate = mce::Gate::default();
         self.fd
             .set_lapic(&self.power_on_lapic)
             .map_err(io_err("reset the local APIC"))?;
@@ -462,71 +343,134 @@ impl Vcpu {
         }
     }
 
-    /// Inject pending machine checks: the action-required one KVM signalled
-    /// (SIGBUS on this thread when the guest touched a poisoned page) and any
-    /// action-optional ones queued by the API.
+    /// Deliver pending machine checks, before every entry: the
+    /// action-required one KVM signalled at the last exit (SIGBUS on this
+    /// thread when the guest touched a poisoned page), those queued by the
+    /// API or by emulated accesses, and broadcast placeholders. At most one
+    /// goes in per entry and only through [`mce::Gate`] (never while
+    /// MCG_STATUS.MCIP is set: that is a shutdown, see `mce`'s module
+    /// documentation); the rest wait, kicked by the poller.
     fn deliver_machine_checks(&mut self) -> Option<ExitReason> {
-        let mut todo = self.shared.mce.take(self.index);
+        let index = self.index;
+        let mce = self.shared.mce.clone();
         if let Some(hva) = mce::take_poison() {
-            match self.shared.ram.gpa_of_host(hva) {
-                Some(gpa) => {
-                    todo.push(PendingMce::Error(
-                        mce::McAction::Required,
-                        gpa & !(guestmem::PAGE_SIZE - 1),
-                    ));
-                    let others = self.shared.mce.queue_broadcast(self.index);
-                    self.shared
-                        .mce
-                        .kick_until_taken(&others, std::time::Duration::from_millis(100));
+            let Some(gpa) = self.shared.ram.gpa_of_host(hva) else {
+                return Some(ExitReason::Internal(format!(
+                    "vCPU {index}: hardware-poison SIGBUS at host address {hva:#x} outside guest RAM"
+                )));
+            };
+            let page = gpa & !(guestmem::PAGE_SIZE - 1);
+            let others = mce.queue_for(index, mce::McAction::Required, page);
+            mce.kick_until_taken(
+                others.get(1..).unwrap_or_default(),
+                std::time::Duration::from_millis(100),
+            );
+        }
+        loop {
+            let Some(next) = mce.front(index) else {
+                mce.set_holding(index, false);
+                return None;
+            };
+            let required = matches!(next, PendingMce::Error(mce::McAction::Required, _));
+            if mce.mcg_cap.is_some() {
+                match self.gate.check(&self.fd, required) {
+                    Ok(mce::GateState::Open) => {}
+                    Ok(mce::GateState::Mcip) => return self.hold_machine_checks(true),
+                    Ok(mce::GateState::Grace) => return self.hold_machine_checks(false),
+                    Err(e) => return Some(ExitReason::Internal(format!("vCPU {index}: {e}"))),
                 }
-                None => {
-                    return Some(ExitReason::Internal(format!(
-                    "vCPU {}: hardware-poison SIGBUS at host address {hva:#x} outside guest RAM",
-                    self.index
-                )))
+            }
+            mce.pop_front(index);
+            let injected = match next {
+                PendingMce::Broadcast => self.inject_broadcast(),
+                PendingMce::Error(action, gpa) => self.inject_error(action, gpa),
+            };
+            match injected {
+                // One uncorrected check per entry: KVM has just set MCIP, so
+                // whatever is left waits for the guest's handler to end.
+                Ok(true) => {
+                    self.gate.injected();
+                    if mce.front(index).is_some() {
+                        return self.hold_machine_checks(false);
+                    }
+                    mce.set_holding(index, false);
+                    return None;
                 }
+                Ok(false) => continue,
+                Err(reason) => return Some(reason),
             }
         }
-        for p in todo {
-            let (action, gpa) = match p {
-                PendingMce::Error(action, gpa) => (action, gpa),
-                PendingMce::Broadcast => {
-                    // A vCPU without CR4.MCE (not started yet, or MCE not
-                    // enabled) cannot take it (KVM would shut the VM down)
-                    // and does not take part in the guest's rendezvous.
-                    const CR4_MCE: u64 = 1 << 6;
-                    if self.fd.get_sregs().is_ok_and(|s| s.cr4 & CR4_MCE == 0) {
-                        log::debug!(
-                            "vCPU {}: broadcast machine check skipped (CR4.MCE clear)",
-                            self.index
-                        );
-                        continue;
-                    }
-                    if let Err(e) = mce::inject(&self.fd, &mce::encode_broadcast()) {
-                        return Some(ExitReason::Internal(format!("vCPU {}: {e}", self.index)));
-                    }
-                    log::debug!("vCPU {}: broadcast machine check injected", self.index);
-                    continue;
-                }
-            };
-            if self.shared.mce.mcg_cap.is_none() {
-                return Some(ExitReason::Crash(format!(
-                    "vCPU {}: guest touched poisoned memory at {gpa:#x} and KVM cannot inject machine checks",
-                    self.index
-                )));
-            }
-            let m = mce::encode(self.shared.mce.vendor, action, gpa);
-            if let Err(e) = mce::inject(&self.fd, &m) {
-                return Some(ExitReason::Internal(format!("vCPU {}: {e}", self.index)));
-            }
-            self.shared.ram.record_mce(action);
-            log::warn!(
-                "vCPU {}: machine check ({action:?}) injected for gpa {gpa:#x}, status {:#x}",
-                self.index,
-                m.status
+    }
+
+    /// The queued checks cannot go in yet (`mcip`: MCIP is set; else the
+    /// last handler has only just cleared it): action-optional checks and
+    /// placeholders wait (the poller kicks this vCPU until they can go in);
+    /// an action-required one during MCIP is what the architecture makes a
+    /// shutdown.
+    fn hold_machine_checks(&mut self, mcip: bool) -> Option<ExitReason> {
+        let index = self.index;
+        if let Some(gpa) = self.shared.mce.required(index).filter(|_| mcip) {
+            // The guest touched poisoned memory while still handling a
+            // machine check (its #MC handler, or a guest that never clears
+            // MCIP). Hardware enters shutdown (Intel SDM vol. 3 §15.10); so
+            // does KVM if asked to inject. Holding the vCPU cannot help: only
+            // its own handler clears MCIP, and that is the code that faulted.
+            return Some(ExitReason::Crash(format!(
+                "vCPU {index}: action-required machine check for gpa {gpa:#x} while MCG_STATUS.MCIP \
+                 is set (the guest touched poisoned memory before it finished handling the previous \
+                 machine check): the processor enters shutdown (Intel SDM vol. 3 §15.10); {}",
+                self.describe_state()
+            )));
+        }
+        let newly = MceState::hold(&self.shared.mce, index);
+        for _ in 0..newly {
+            self.shared.ram.record_mce_deferred();
+        }
+        if newly > 0 {
+            log::info!(
+                "vCPU {index}: {newly} machine check(s) held: the guest is still handling the previous one"
             );
         }
         None
+    }
+
+    /// Inject the Intel-style broadcast placeholder; Ok(false) when the vCPU
+    /// cannot take it.
+    fn inject_broadcast(&mut self) -> Result<bool, ExitReason> {
+        // A vCPU without CR4.MCE (not started yet, or MCE not enabled)
+        // cannot take it (KVM would shut the VM down) and does not take part
+        // in the guest's rendezvous.
+        const CR4_MCE: u64 = 1 << 6;
+        if self.fd.get_sregs().is_ok_and(|s| s.cr4 & CR4_MCE == 0) {
+            log::debug!(
+                "vCPU {}: broadcast machine check skipped (CR4.MCE clear)",
+                self.index
+            );
+            return Ok(false);
+        }
+        mce::inject(&self.fd, &mce::encode_broadcast())
+            .map_err(|e| ExitReason::Internal(format!("vCPU {}: {e}", self.index)))?;
+        log::debug!("vCPU {}: broadcast machine check injected", self.index);
+        Ok(true)
+    }
+
+    /// Inject the memory error at `gpa`.
+    fn inject_error(&mut self, action: mce::McAction, gpa: u64) -> Result<bool, ExitReason> {
+        let index = self.index;
+        if self.shared.mce.mcg_cap.is_none() {
+            return Err(ExitReason::Crash(format!(
+                "vCPU {index}: guest touched poisoned memory at {gpa:#x} and KVM cannot inject machine checks"
+            )));
+        }
+        let m = mce::encode(self.shared.mce.vendor, action, gpa);
+        mce::inject(&self.fd, &m)
+            .map_err(|e| ExitReason::Internal(format!("vCPU {index}: {e}")))?;
+        self.shared.ram.record_mce(action);
+        log::warn!(
+            "vCPU {index}: machine check ({action:?}) injected for gpa {gpa:#x}, status {:#x}",
+            m.status
+        );
+        Ok(true)
     }
 
     /// KVM_EXIT_INTERNAL_ERROR: complete the instruction with an emulation
