@@ -7,13 +7,72 @@
 //! reserved); the buddy lists are consistent (aligned heads of the right
 //! order, per-order counts, free total); no poisoned frame is reachable from
 //! any free list; the primary map and the reverse map agree; the counters
-//! match the descriptors.
+//! match the descriptors; and, exactly, where the pool's host memory is: no
+//! frame out of use (free, on a per-vCPU list, retired, reserved) holds any
+//! (every path that takes a frame out of use punches it), so the pool holds
+//! at most the frames in use (memfd backing; a hugetlb pool cannot punch
+//! 4 KiB and is not checked for this).
 
 use std::sync::atomic::Ordering;
 
 use crate::buddy::MAX_ORDER;
-use crate::frame::{FrameState, HWPOISON};
+use crate::frame::{FrameId, FrameState, HWPOISON};
 use crate::memory::GuestMemory;
+use crate::pool::Backing;
+use crate::PAGE_SIZE;
+
+/// How the checker found a frame used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameUse {
+    /// In a free block of the buddy allocator.
+    Free,
+    /// Cached on a per-vCPU list.
+    PerCpuList,
+    /// In an allocated or mapped block.
+    InUse,
+    /// Retired after a failure or a soft offline.
+    Retired,
+    /// Reserved at creation.
+    Reserved,
+}
+
+/// Where the pool's host memory is, from one stop-the-world pass
+/// ([`GuestMemory::check_host_memory`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostMemory {
+    /// Bytes of host memory the pool's memfd holds.
+    pub resident_bytes: u64,
+    /// Frames in use (allocated, mapped ones included).
+    pub in_use_frames: u64,
+    /// Frames that hold host memory.
+    pub holding_frames: u64,
+    /// Per frame: true when it holds host memory.
+    pub holds: Vec<bool>,
+    /// Frames out of use that hold host memory (empty when all is well),
+    /// with how they are used; not computed for a hugetlb pool.
+    pub stray: Vec<(FrameId, FrameUse)>,
+}
+
+impl HostMemory {
+    /// The exact host-memory rules: no stray frame, and the pool holds no
+    /// more memory than its frames in use.
+    pub fn verify(&self) -> Result<(), CheckError> {
+        if let Some(&(frame, used)) = self.stray.first() {
+            return Err(CheckError::HostMemory {
+                frame,
+                used,
+                frames: self.stray.len() as u64,
+            });
+        }
+        if !self.holds.is_empty() && self.resident_bytes > self.in_use_frames * PAGE_SIZE {
+            return Err(CheckError::Resident {
+                resident_kib: self.resident_bytes >> 10,
+                in_use_kib: (self.in_use_frames * PAGE_SIZE) >> 10,
+            });
+        }
+        Ok(())
+    }
+}
 
 /// Counters (frames unless named otherwise).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -72,6 +131,33 @@ pub enum CheckError {
     /// The primary map is inconsistent.
     #[error("guest map: {0}")]
     Map(String),
+    /// A frame out of use holds host memory (it was not punched).
+    #[error(
+        "frame {frame} is out of use ({used:?}) but holds host memory \
+         ({frames} such frames); a frame leaving use must be punched"
+    )]
+    HostMemory {
+        /// The first such frame.
+        frame: FrameId,
+        /// How it is used.
+        used: FrameUse,
+        /// How many frames out of use hold host memory.
+        frames: u64,
+    },
+    /// The pool holds more host memory than its frames in use.
+    #[error(
+        "the pool holds {resident_kib} KiB of host memory but only {in_use_kib} KiB \
+         are allocated"
+    )]
+    Resident {
+        /// Host memory of the pool.
+        resident_kib: u64,
+        /// Frames in use, in KiB.
+        in_use_kib: u64,
+    },
+    /// The pool's extents could not be read.
+    #[error("cannot read the pool's data extents: {0}")]
+    Extents(String),
     /// A counter disagrees with the descriptors.
     #[error("counter {name}: counted {counted}, recorded {recorded}")]
     Counter {
@@ -122,21 +208,29 @@ impl GuestMemory {
 
     /// Verify every invariant (see the module docs).
     pub fn check(&self) -> Result<(), CheckError> {
+        self.check_host_memory()?.verify()
+    }
+
+    /// Verify every invariant but the host-memory rules and report where
+    /// the pool's host memory is, from the same stop-the-world pass (so
+    /// the frames' uses and their memory are one consistent picture);
+    /// [`HostMemory::verify`] applies the rules.
+    pub fn check_host_memory(&self) -> Result<HostMemory, CheckError> {
         let _ops = self.lock_ops();
         let space = self.read_space();
         let a = &self.alloc;
         let pcps = crate::pcp::lock_all(&a.pcps);
         let zone = a.lock_zone();
         let n = a.frames() as usize;
-        let mut seen = vec![false; n];
-        let cover = |f: u32, seen: &mut Vec<bool>| -> Result<(), CheckError> {
+        let mut seen: Vec<Option<FrameUse>> = vec![None; n];
+        let cover = |f: u32, used: FrameUse, seen: &mut Vec<Option<FrameUse>>| {
             let s = seen
                 .get_mut(f as usize)
                 .ok_or_else(|| frame_err(f, "beyond the pool"))?;
-            if *s {
+            if s.is_some() {
                 return Err(frame_err(f, "in more than one state"));
             }
-            *s = true;
+            *s = Some(used);
             Ok(())
         };
         // Buddy lists.
@@ -160,7 +254,7 @@ impl GuestMemory {
                     ));
                 }
                 for f in h..h + (1 << o) {
-                    cover(f, &mut seen)?;
+                    cover(f, FrameUse::Free, &mut seen)?;
                     if f != h && a.desc(f).state() != FrameState::Tail {
                         return Err(frame_err(
                             f,
@@ -192,7 +286,7 @@ impl GuestMemory {
         for (cpu, l) in pcps.iter().enumerate() {
             allocated_rec += l.allocated;
             for &f in &l.frames {
-                cover(f, &mut seen)?;
+                cover(f, FrameUse::PerCpuList, &mut seen)?;
                 if a.desc(f).state_order() != (FrameState::Pcp, 0) {
                     return Err(frame_err(
                         f,
@@ -208,7 +302,7 @@ impl GuestMemory {
         let (mut allocated, mut mapped, mut retired) = (0u64, 0u64, 0u64);
         let mut f = 0u32;
         while (f as usize) < n {
-            if seen[f as usize] {
+            if seen[f as usize].is_some() {
                 f += 1;
                 continue;
             }
@@ -216,7 +310,7 @@ impl GuestMemory {
             match st {
                 FrameState::Allocated | FrameState::Mapped => {
                     for t in f..f + (1 << o) {
-                        cover(t, &mut seen)?;
+                        cover(t, FrameUse::InUse, &mut seen)?;
                         if t != f && a.desc(t).state() != FrameState::Tail {
                             return Err(frame_err(
                                 t,
@@ -255,7 +349,7 @@ impl GuestMemory {
                     f += 1 << o;
                 }
                 FrameState::Retired => {
-                    cover(f, &mut seen)?;
+                    cover(f, FrameUse::Retired, &mut seen)?;
                     if !a.desc(f).has(HWPOISON) {
                         return Err(frame_err(f, "retired without the poison flag"));
                     }
@@ -263,7 +357,7 @@ impl GuestMemory {
                     f += 1;
                 }
                 FrameState::Reserved => {
-                    cover(f, &mut seen)?;
+                    cover(f, FrameUse::Reserved, &mut seen)?;
                     f += 1;
                 }
                 s => {
@@ -304,6 +398,34 @@ impl GuestMemory {
                 });
             }
         }
-        Ok(())
+        // Host memory, with every list and the map still held: a frame out
+        // of use cannot gain memory meanwhile (nobody may write it) and no
+        // frame changes between in use and out of use.
+        let mut host = HostMemory {
+            in_use_frames: allocated,
+            ..HostMemory::default()
+        };
+        if self.pool.backing() == Backing::Memfd {
+            let runs = self
+                .pool
+                .data_runs()
+                .map_err(|e| CheckError::Extents(e.to_string()))?;
+            host.holds = vec![false; n];
+            for (first, len) in runs {
+                for f in first..first + len {
+                    host.holds[f as usize] = true;
+                    host.holding_frames += 1;
+                    match seen[f as usize] {
+                        Some(FrameUse::InUse) => {}
+                        Some(used) => host.stray.push((f, used)),
+                        None => unreachable!("every frame was classified above"),
+                    }
+                }
+            }
+        }
+        host.resident_bytes = self.pool.resident_bytes();
+        drop(zone);
+        drop(pcps);
+        Ok(host)
     }
 }

@@ -13,19 +13,22 @@
 //!   `invalidate_range_start/end` covering the whole mapping, aligned), a
 //!   huge mapping is split so the other 511 pages stay mapped, the guest
 //!   frame is marked poisoned (its next access is reported to the guest)
-//!   and the frame is retired for good;
+//!   and the frame is retired for good, its host memory punched (inside the
+//!   bracket: no secondary MMU maps it, nobody else can reach it);
 //! - allocated to another user: flagged; it is retired when freed.
 
 use std::sync::atomic::Ordering;
 
 use crate::buddy::MAX_ORDER;
 use crate::frame::{
-    block_head, FrameId, FrameState, HAS_HWPOISONED, HWPOISON, MAPPED_AT_FAILURE, SOFT_OFFLINED,
+    block_head, FrameId, FrameState, CLEAN, HAS_HWPOISONED, HWPOISON, MAPPED_AT_FAILURE,
+    SOFT_OFFLINED,
 };
 use crate::memory::GuestMemory;
 use crate::notifier::{GpaRange, InvalidateReason};
+use crate::observe::PrimaryChange;
 use crate::space::HUGE_ORDER;
-use crate::PAGE_SHIFT;
+use crate::{PAGE_SHIFT, PAGE_SIZE};
 
 /// Flags of [`GuestMemory::memory_failure`] (Linux `MF_*`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -174,6 +177,20 @@ impl GuestMemory {
         }
     }
 
+    /// Retire `frame`, which backed guest frame `gfn` until the caller
+    /// unmapped it (the caller is inside the invalidation covering `gfn`
+    /// and holds the frame, state `Allocated`): its host memory goes back
+    /// to the host, then it leaves use for good.
+    fn retire_unmapped(&self, frame: FrameId, gfn: u64) {
+        let range = GpaRange::new(gfn << PAGE_SHIFT, PAGE_SIZE);
+        self.observer.report(PrimaryChange::Punch, range, frame);
+        if self.pool.punch(frame, 1) {
+            self.alloc.desc(frame).set(CLEAN);
+        }
+        self.observer.report(PrimaryChange::Retire, range, frame);
+        self.alloc.retire_allocated(frame);
+    }
+
     /// Handle a hardware memory failure of `frame` (see the module docs).
     pub fn memory_failure(
         &self,
@@ -248,8 +265,8 @@ impl GuestMemory {
             s.poisoned.insert(gfn);
             self.unmap_desc(m);
         }
+        self.retire_unmapped(frame, gfn);
         drop(guard);
-        self.alloc.retire_allocated(frame);
         MfOutcome::Mapped {
             gpa: gfn << PAGE_SHIFT,
             order,
@@ -332,7 +349,7 @@ impl GuestMemory {
                     .frame_bytes_mut(new, 1)
                     .copy_from_slice(self.pool.frame_bytes(frame, 1));
             }
-            self.alloc.desc(new).clear(crate::frame::CLEAN);
+            self.alloc.desc(new).clear(CLEAN);
             self.alloc.desc(new).set_gfn(gfn);
             self.alloc.desc(new).set_state(FrameState::Mapped, 0);
             s.replace(gfn, new);
@@ -340,9 +357,10 @@ impl GuestMemory {
             d.set(HWPOISON | SOFT_OFFLINED);
             d.set_state(FrameState::Allocated, 0);
         }
+        // The data is in `new` now.
+        self.retire_unmapped(frame, gfn);
         drop(guard);
         self.unlock_frame(head);
-        self.alloc.retire_allocated(frame);
         self.alloc.poisoned.fetch_add(1, Ordering::Relaxed);
         self.alloc.soft_offlined.fetch_add(1, Ordering::Relaxed);
         Ok(SoftOfflineOutcome::Migrated {

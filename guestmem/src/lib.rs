@@ -11,7 +11,9 @@
 //!   [`GuestMemory`], the object the VMM creates;
 //! - [`failure`]: memory failure, soft offline, unpoison;
 //! - [`check`]: statistics and the invariant checker;
-//! - [`notifier`]: the range-based MMU notifiers secondary MMUs implement.
+//! - [`notifier`]: the range-based MMU notifiers secondary MMUs implement;
+//! - [`observe`]: reports of every primary change (tests, debugging) and the
+//!   checker that each lies inside an invalidation covering it.
 //!
 //! The lock order is documented in [`memory`] and in `DESIGN.md`.
 
@@ -22,6 +24,7 @@ pub mod failure;
 pub mod frame;
 pub mod memory;
 pub mod notifier;
+pub mod observe;
 pub mod oom;
 pub mod page_lock;
 pub mod pcp;
@@ -32,7 +35,7 @@ pub mod zero;
 
 pub use alloc::{AllocCounts, AllocError, FrameAllocator};
 pub use buddy::MAX_ORDER;
-pub use check::{CheckError, Stats};
+pub use check::{CheckError, FrameUse, HostMemory, Stats};
 pub use failure::{FailureError, MfFlags, MfOutcome, SoftOfflineOutcome};
 pub use frame::{FrameDesc, FrameId, FrameState};
 pub use memory::{
@@ -40,6 +43,7 @@ pub use memory::{
     ResolveError, Resolved,
 };
 pub use notifier::{GpaRange, InvalidateReason, Invalidation, MmuNotifier, NotifierList};
+pub use observe::{BracketChecker, PrimaryChange, PrimaryEvent, PrimaryObserver};
 pub use oom::{OutOfMemory, ReclaimFn, ReclaimId, ReclaimRequest};
 pub use page_lock::{Acquired, KillSignal, Killed, PageLocks};
 pub use pcp::PcpConfig;

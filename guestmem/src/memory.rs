@@ -20,11 +20,12 @@
 //! no guestmem lock held. Allocation never happens under `space`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::alloc::{AllocError, FrameAllocator};
 use crate::frame::{FrameId, FrameState, CLEAN, HWPOISON, NO_GFN};
 use crate::notifier::{GpaRange, InvalidateReason, NotifierList};
+use crate::observe::{ObserverSlot, PrimaryChange, PrimaryObserver};
 use crate::oom::{is_empty, Oom, OutOfMemory, ReclaimFn, ReclaimId};
 use crate::page_lock::{KillSignal, Killed, PageLocks};
 use crate::pcp::PcpConfig;
@@ -188,6 +189,8 @@ pub struct GuestMemory {
     pub(crate) oom: Oom,
     pub(crate) released: AtomicU64,
     pub(crate) zeroed: AtomicU64,
+    /// Where primary changes are reported (shared with the space).
+    pub(crate) observer: Arc<ObserverSlot>,
 }
 
 impl GuestMemory {
@@ -227,17 +230,25 @@ impl GuestMemory {
             frames = frames.next_multiple_of(1 << HUGE_ORDER);
         }
         let pool = FramePool::new(frames, cfg.backing)?;
+        let observer = Arc::new(ObserverSlot::default());
         Ok(Self {
             alloc: FrameAllocator::new(pool.frames(), 0, cfg.vcpus, cfg.pcp),
             pool,
             locks: PageLocks::new(),
-            space: RwLock::new(Space::new(&ram)),
+            space: RwLock::new(Space::new(&ram, observer.clone())),
             ops: Mutex::new(()),
             notifiers: NotifierList::new(),
             oom: Oom::default(),
             released: AtomicU64::new(0),
             zeroed: AtomicU64::new(0),
+            observer,
         })
+    }
+
+    /// Install the observer of primary changes (tests, debugging; see
+    /// [`crate::observe`]). Returns false when one is installed already.
+    pub fn set_primary_observer(&self, observer: Arc<dyn PrimaryObserver>) -> bool {
+        self.observer.set(observer)
     }
 
     /// The frame pool (host addresses, file offsets, memfd).
@@ -256,13 +267,26 @@ impl GuestMemory {
     }
 
     /// Register an OOM reclaim callback.
-    pub fn register_reclaim(&self, f: std::sync::Arc<ReclaimFn>) -> ReclaimId {
+    pub fn register_reclaim(&self, f: Arc<ReclaimFn>) -> ReclaimId {
         self.oom.register(f)
     }
 
     /// Unregister an OOM reclaim callback.
     pub fn unregister_reclaim(&self, id: ReclaimId) -> bool {
         self.oom.unregister(id)
+    }
+
+    /// True when some thread holds the OOM lock right now. Reclaim
+    /// callbacks run without it, so inside one this is false unless another
+    /// thread is in its last-second attempt.
+    pub fn oom_lock_held(&self) -> bool {
+        self.oom.is_locked()
+    }
+
+    /// True when the calling thread holds the OOM lock (never inside a
+    /// reclaim callback).
+    pub fn oom_lock_held_by_current_thread(&self) -> bool {
+        self.oom.held_by_current_thread()
     }
 
     pub(crate) fn read_space(&self) -> RwLockReadGuard<'_, Space> {
@@ -307,9 +331,30 @@ impl GuestMemory {
     }
 
     /// Free a block from [`GuestMemory::alloc`] (order 0 to `cpu`'s list).
-    #[inline]
+    /// Its host memory goes back to the host first (punched, unless the
+    /// block is known clean): a frame out of use never holds host memory.
     pub fn free(&self, cpu: usize, frame: FrameId, order: u32) -> Result<(), AllocError> {
+        // Only a block the caller holds is punched; `alloc.free` checks
+        // the same again (and refuses double frees).
+        if self.alloc.frames() > frame
+            && self.alloc.desc(frame).state_order() == (FrameState::Allocated, order)
+        {
+            self.give_back(frame, order);
+        }
         self.alloc.free(cpu, frame, order)
+    }
+
+    /// Punch the host memory of a block the caller holds (allocated, in
+    /// nobody's map) unless all of it is known clean; it is clean after.
+    fn give_back(&self, frame: FrameId, order: u32) {
+        let frames = frame..frame + (1 << order);
+        if frames.clone().any(|f| !self.alloc.desc(f).has(CLEAN))
+            && self.pool.punch(frame, 1 << order)
+        {
+            for f in frames {
+                self.alloc.desc(f).set(CLEAN);
+            }
+        }
     }
 
     /// Drain one vCPU's list.
@@ -469,6 +514,8 @@ impl GuestMemory {
             match outcome {
                 Ok(m) => return Ok(self.resolved(m)),
                 Err(done) => {
+                    // `prepare` may have zeroed (so populated) frames.
+                    self.give_back(frame, order);
                     self.alloc
                         .free(cpu, frame, order)
                         .expect("freeing a block we just allocated");
@@ -493,18 +540,24 @@ impl GuestMemory {
             .set_state(FrameState::Allocated, m.order);
     }
 
-    /// Punch the host memory of released blocks (merging contiguous runs),
-    /// mark them clean and free them to the zone.
-    pub(crate) fn punch_and_free(&self, mut blocks: Vec<(FrameId, u32)>) {
-        blocks.sort_unstable();
+    /// Punch the host memory of the blocks of removed mappings (merging
+    /// contiguous runs), mark them clean and free them to the zone. The
+    /// caller is inside an invalidation covering every mapping's range
+    /// (reported to the observer as such).
+    pub(crate) fn punch_and_free(&self, mut maps: Vec<Mapping>) {
+        maps.sort_unstable_by_key(|m| m.frame);
         let mut i = 0;
-        while i < blocks.len() {
-            let start = blocks[i].0;
-            let mut end = start + (1 << blocks[i].1);
+        while i < maps.len() {
+            let start = maps[i].frame;
+            let mut end = start + (1 << maps[i].order);
             let mut j = i + 1;
-            while j < blocks.len() && blocks[j].0 == end {
-                end += 1 << blocks[j].1;
+            while j < maps.len() && maps[j].frame == end {
+                end += 1 << maps[j].order;
                 j += 1;
+            }
+            for m in &maps[i..j] {
+                self.observer
+                    .report(PrimaryChange::Punch, m.range(), m.frame);
             }
             if self.pool.punch(start, end - start) {
                 for f in start..end {
@@ -513,8 +566,10 @@ impl GuestMemory {
             }
             i = j;
         }
-        for (f, o) in blocks {
-            self.alloc.free_to_zone(f, o);
+        for m in maps {
+            self.observer
+                .report(PrimaryChange::Free, m.range(), m.frame);
+            self.alloc.free_to_zone(m.frame, m.order);
         }
     }
 
@@ -568,7 +623,7 @@ impl GuestMemory {
         let guard =
             self.notifiers
                 .invalidate_range_start_split(cover, range, InvalidateReason::Release);
-        let mut blocks = Vec::new();
+        let mut removed = Vec::new();
         {
             let mut s = self.write_space();
             let mut gfn = first;
@@ -586,18 +641,14 @@ impl GuestMemory {
                 }
                 for g in gfn..=slot_end {
                     match s.lookup(g) {
-                        Some(m) if m.order == HUGE_ORDER => {
-                            s.remove(g);
-                            self.unmap_desc(m);
-                            blocks.push((m.frame, m.order));
-                            report.freed_frames += 1 << m.order;
-                            break;
-                        }
                         Some(m) => {
                             s.remove(g);
                             self.unmap_desc(m);
-                            blocks.push((m.frame, 0));
-                            report.freed_frames += 1;
+                            removed.push(m);
+                            report.freed_frames += 1 << m.order;
+                            if m.order == HUGE_ORDER {
+                                break;
+                            }
                         }
                         None => report.unpopulated += 1,
                     }
@@ -605,8 +656,10 @@ impl GuestMemory {
                 gfn = slot_end + 1;
             }
         }
+        // Inside the bracket: until its end no secondary MMU can map the
+        // range again, and nobody gets the frames before they are punched.
+        self.punch_and_free(removed);
         drop(guard);
-        self.punch_and_free(blocks);
         self.released
             .fetch_add(report.freed_frames, Ordering::Relaxed);
         Ok(report)
@@ -624,17 +677,17 @@ impl GuestMemory {
         let guard = self
             .notifiers
             .invalidate_range_start(all, InvalidateReason::Unmap);
-        let blocks: Vec<(FrameId, u32)> = {
+        let removed = {
             let mut s = self.write_space();
             s.poisoned.clear();
             let maps = s.clear();
             for m in &maps {
                 self.unmap_desc(*m);
             }
-            maps.into_iter().map(|m| (m.frame, m.order)).collect()
+            maps
         };
+        self.punch_and_free(removed);
         drop(guard);
-        self.punch_and_free(blocks);
         self.alloc.drain_all();
     }
 }

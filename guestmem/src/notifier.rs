@@ -9,7 +9,8 @@
 //! [`MmuNotifier::invalidate_range_end`], and a huge mapping is always
 //! invalidated as a whole (`PAGE_SIZE << order`, aligned).
 
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 /// A page-aligned guest-physical byte range `[start, end)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -53,6 +54,12 @@ impl GpaRange {
     /// True when the two ranges share at least one byte.
     pub const fn overlaps(&self, other: &GpaRange) -> bool {
         self.start < other.end && other.start < self.end
+    }
+}
+
+impl std::fmt::Display for GpaRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#x}..{:#x}", self.start, self.end)
     }
 }
 
@@ -117,25 +124,54 @@ struct Entry {
     notifier: Arc<dyn MmuNotifier>,
 }
 
+/// An invalidation between its start and its end.
+struct OpenInvalidation {
+    /// Identifies it for its guard.
+    token: u64,
+    inv: Invalidation,
+    /// `Some(changed)` for a split invalidation.
+    changed: Option<GpaRange>,
+    /// Subscribers registered while it was open: told about it by
+    /// [`NotifierList::register`], ended by its guard.
+    late: Vec<Arc<Entry>>,
+}
+
+type OpenList = Arc<Mutex<Vec<OpenInvalidation>>>;
+
+fn lock_open(open: &Mutex<Vec<OpenInvalidation>>) -> MutexGuard<'_, Vec<OpenInvalidation>> {
+    open.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The list of subscribers of one guest address space.
 ///
 /// Registration and unregistration are safe while invalidations run: an
 /// invalidation calls `start` and `end` on the same snapshot of the list, and
 /// [`NotifierList::unregister`] waits until no invalidation still holds the
-/// removed subscriber (like `mmu_notifier_unregister` waiting for SRCU).
+/// removed subscriber (like `mmu_notifier_unregister` waiting for SRCU). A
+/// subscriber registered while invalidations are open is told about each
+/// of them at once (its `invalidate_range_start` runs inside `register`) and
+/// gets their `invalidate_range_end` when they end, so it never installs a
+/// translation into a range being changed and never sees an end without
+/// its start.
 #[derive(Default)]
 pub struct NotifierList {
     entries: RwLock<Vec<Arc<Entry>>>,
-    next_id: std::sync::atomic::AtomicU64,
+    /// Invalidations between start and end. Lock order: `entries`, then
+    /// `open`; a late subscriber's start runs under both.
+    open: OpenList,
+    next_id: AtomicU64,
+    next_token: AtomicU64,
 }
 
 /// An invalidation in progress: `start` has been called on every subscriber
 /// of the snapshot; dropping the guard (or calling [`InvalidateGuard::end`])
-/// calls `end` on the same subscribers.
+/// calls `end` on the same subscribers and on those registered meanwhile.
 #[must_use = "the invalidation ends when the guard is dropped"]
 pub struct InvalidateGuard {
     snapshot: Vec<Arc<Entry>>,
     inv: Invalidation,
+    token: u64,
+    open: OpenList,
 }
 
 impl InvalidateGuard {
@@ -150,7 +186,17 @@ impl InvalidateGuard {
 
 impl Drop for InvalidateGuard {
     fn drop(&mut self) {
-        for e in &self.snapshot {
+        // Closed first: a subscriber registering from now on is not told
+        // about this invalidation, and one registered before is in `late`.
+        let late = {
+            let mut open = lock_open(&self.open);
+            let i = open
+                .iter()
+                .position(|o| o.token == self.token)
+                .expect("an open invalidation is listed until its guard drops");
+            open.swap_remove(i).late
+        };
+        for e in self.snapshot.iter().chain(&late) {
             e.notifier.invalidate_range_end(&self.inv);
         }
     }
@@ -163,14 +209,25 @@ impl NotifierList {
     }
 
     /// Add a subscriber. It sees every invalidation that starts after this
-    /// call returns.
+    /// call returns, and every one open now: for those its
+    /// `invalidate_range_start` (or `_split`) is called here, before this
+    /// returns, and their ends reach it like everyone else's.
     pub fn register(&self, notifier: Arc<dyn MmuNotifier>) -> NotifierId {
-        let id = NotifierId(
-            self.next_id
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        );
+        let id = NotifierId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let entry = Arc::new(Entry { id, notifier });
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        entries.push(Arc::new(Entry { id, notifier }));
+        entries.push(entry.clone());
+        // Under `entries` no invalidation can take a snapshot (that happens
+        // under the read lock), so each open one either has its snapshot
+        // (without us) already or starts after this returns (with us).
+        let mut open = lock_open(&self.open);
+        for o in open.iter_mut() {
+            match o.changed {
+                Some(changed) => entry.notifier.invalidate_range_start_split(&o.inv, changed),
+                None => entry.notifier.invalidate_range_start(&o.inv),
+            }
+            o.late.push(entry.clone());
+        }
         id
     }
 
@@ -209,7 +266,7 @@ impl NotifierList {
         range: GpaRange,
         reason: InvalidateReason,
     ) -> InvalidateGuard {
-        self.start_with(Invalidation { range, reason }, |n, inv| {
+        self.start_with(Invalidation { range, reason }, None, |n, inv| {
             n.invalidate_range_start(inv)
         })
     }
@@ -224,27 +281,41 @@ impl NotifierList {
         reason: InvalidateReason,
     ) -> InvalidateGuard {
         debug_assert!(range.start <= changed.start && changed.end <= range.end);
-        self.start_with(Invalidation { range, reason }, |n, inv| {
+        self.start_with(Invalidation { range, reason }, Some(changed), |n, inv| {
             n.invalidate_range_start_split(inv, changed)
         })
     }
 
-    /// Call `start` on a snapshot of the subscribers; the guard calls `end`
-    /// on the same snapshot.
+    /// List the invalidation as open and snapshot the subscribers (both
+    /// under the read lock, so a registration is either in the snapshot or
+    /// sees the invalidation open), then call `start` on the snapshot; the
+    /// guard calls `end` on the snapshot and on late subscribers.
     fn start_with(
         &self,
         inv: Invalidation,
+        changed: Option<GpaRange>,
         start: impl Fn(&dyn MmuNotifier, &Invalidation),
     ) -> InvalidateGuard {
-        let snapshot = self
-            .entries
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        let snapshot = {
+            let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+            lock_open(&self.open).push(OpenInvalidation {
+                token,
+                inv,
+                changed,
+                late: Vec::new(),
+            });
+            entries.clone()
+        };
         for e in &snapshot {
             start(&*e.notifier, &inv);
         }
-        InvalidateGuard { snapshot, inv }
+        InvalidateGuard {
+            snapshot,
+            inv,
+            token,
+            open: self.open.clone(),
+        }
     }
 
     /// Teardown: call `release` on every subscriber and empty the list.

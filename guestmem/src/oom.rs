@@ -12,7 +12,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError};
 
 use crate::alloc::{AllocCounts, AllocError, FrameAllocator};
 use crate::frame::FrameId;
@@ -68,6 +68,19 @@ impl OutOfMemory {
 
 thread_local! {
     static IN_RECLAIM: Cell<bool> = const { Cell::new(false) };
+    /// This thread's token for [`Oom::holder`] (0: not assigned yet).
+    static THREAD_TOKEN: Cell<u64> = const { Cell::new(0) };
+}
+
+/// A number no other live thread uses (never 0).
+fn thread_token() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    THREAD_TOKEN.with(|t| {
+        if t.get() == 0 {
+            t.set(NEXT.fetch_add(1, Ordering::Relaxed));
+        }
+        t.get()
+    })
 }
 
 /// Marks this thread as reclaiming until dropped (also on panic).
@@ -98,6 +111,9 @@ const MAX_ROUNDS: u32 = 8;
 #[derive(Default)]
 pub struct Oom {
     lock: Mutex<()>,
+    /// Token of the thread holding `lock` (0: nobody), so that code running
+    /// in a thread can ask whether it holds the lock.
+    holder: AtomicU64,
     callbacks: RwLock<Vec<(ReclaimId, Arc<ReclaimFn>)>>,
     next_id: AtomicU64,
     /// Times the OOM path was entered.
@@ -108,7 +124,39 @@ pub struct Oom {
     pub(crate) failures: AtomicU64,
 }
 
+/// The OOM lock, held (clears [`Oom::holder`] when dropped).
+struct OomLockGuard<'a> {
+    holder: &'a AtomicU64,
+    _lock: MutexGuard<'a, ()>,
+}
+
+impl Drop for OomLockGuard<'_> {
+    fn drop(&mut self) {
+        self.holder.store(0, Ordering::Release);
+    }
+}
+
 impl Oom {
+    fn lock(&self) -> OomLockGuard<'_> {
+        let g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.holder.store(thread_token(), Ordering::Release);
+        OomLockGuard {
+            holder: &self.holder,
+            _lock: g,
+        }
+    }
+
+    /// True when some thread holds the OOM lock right now (a `try_lock`
+    /// that fails because the lock is taken).
+    pub fn is_locked(&self) -> bool {
+        matches!(self.lock.try_lock(), Err(TryLockError::WouldBlock))
+    }
+
+    /// True when the calling thread holds the OOM lock.
+    pub fn held_by_current_thread(&self) -> bool {
+        self.holder.load(Ordering::Acquire) == thread_token()
+    }
+
     /// Register a reclaim callback.
     pub fn register(&self, f: Arc<ReclaimFn>) -> ReclaimId {
         let id = ReclaimId(self.next_id.fetch_add(1, Ordering::Relaxed));
@@ -150,7 +198,7 @@ impl Oom {
         if !in_reclaim() {
             for _ in 0..MAX_ROUNDS {
                 {
-                    let _oom = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+                    let _oom = self.lock();
                     // Last-second attempt under the lock: no reclaim here.
                     if let Some(f) = attempt() {
                         return Ok(f);

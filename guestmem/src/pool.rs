@@ -245,6 +245,42 @@ impl FramePool {
         }
         st.st_blocks as u64 * 512
     }
+
+    /// The frames that hold host memory, as runs `(first frame, frames)` in
+    /// ascending order: the memfd's data extents (`SEEK_DATA`/`SEEK_HOLE`,
+    /// what [`FramePool::resident_bytes`] counts). A frame partly covered
+    /// by an extent counts as holding memory.
+    pub fn data_runs(&self) -> std::io::Result<Vec<(FrameId, u32)>> {
+        let size = (self.frames as i64) << PAGE_SHIFT;
+        let seek = |off: i64, whence: libc::c_int| -> std::io::Result<Option<i64>> {
+            // SAFETY: lseek on our own descriptor; only the file position
+            // changes, which nothing else of the pool uses (mappings and
+            // fallocate take explicit offsets).
+            let r = unsafe { libc::lseek(self.fd.as_raw_fd(), off as libc::off_t, whence) };
+            if r >= 0 {
+                return Ok(Some(r as i64));
+            }
+            let e = std::io::Error::last_os_error();
+            // ENXIO: no data (or hole) at or after `off`.
+            match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok(None),
+                _ => Err(e),
+            }
+        };
+        let mut runs = Vec::new();
+        let mut off = 0i64;
+        while off < size {
+            let Some(data) = seek(off, libc::SEEK_DATA)? else {
+                break;
+            };
+            let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+            let first = (data >> PAGE_SHIFT) as FrameId;
+            let end = ((hole + PAGE_SIZE as i64 - 1) >> PAGE_SHIFT) as FrameId;
+            runs.push((first, end - first));
+            off = hole;
+        }
+        Ok(runs)
+    }
 }
 
 impl Drop for FramePool {
@@ -268,8 +304,10 @@ mod tests {
         // SAFETY: the test owns the whole pool.
         unsafe { pool.frame_bytes_mut(3, 4) }.fill(0xab);
         assert_eq!(pool.resident_bytes(), 4 * PAGE_SIZE);
+        assert_eq!(pool.data_runs().unwrap(), vec![(3, 4)]);
         assert!(pool.punch(4, 2));
         assert_eq!(pool.resident_bytes(), 2 * PAGE_SIZE);
+        assert_eq!(pool.data_runs().unwrap(), vec![(3, 1), (6, 1)]);
         // SAFETY: as above.
         let b = unsafe { pool.frame_bytes(3, 4) };
         assert!(b[..4096].iter().all(|&x| x == 0xab));

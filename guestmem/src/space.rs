@@ -4,13 +4,16 @@
 //! 4 KiB mappings. It also holds the guest frames marked poisoned.
 //!
 //! Pure data: `GuestMemory` keeps it under its space lock and updates the
-//! frame descriptors (state, reverse map) alongside.
+//! frame descriptors (state, reverse map) alongside. Every change is
+//! reported to the primary observer, if one is installed (`observe.rs`).
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use crate::frame::FrameId;
 use crate::notifier::GpaRange;
-use crate::PAGE_SHIFT;
+use crate::observe::{ObserverSlot, PrimaryChange};
+use crate::{PAGE_SHIFT, PAGE_SIZE};
 
 /// Frames per 2 MiB slot.
 pub const HUGE_ORDER: u32 = 9;
@@ -40,6 +43,13 @@ pub struct Mapping {
     pub order: u32,
 }
 
+impl Mapping {
+    /// The guest-physical range the mapping covers.
+    pub fn range(&self) -> GpaRange {
+        GpaRange::new(self.gfn << PAGE_SHIFT, PAGE_SIZE << self.order)
+    }
+}
+
 pub(crate) struct Space {
     slots: Vec<Slot>,
     /// RAM ranges in guest frame numbers, sorted, disjoint.
@@ -47,10 +57,12 @@ pub(crate) struct Space {
     pub(crate) poisoned: BTreeSet<u64>,
     /// Frames currently mapped.
     pub(crate) mapped: u64,
+    /// Where changes are reported (shared with `GuestMemory`).
+    observer: Arc<ObserverSlot>,
 }
 
 impl Space {
-    pub(crate) fn new(ram: &[GpaRange]) -> Self {
+    pub(crate) fn new(ram: &[GpaRange], observer: Arc<ObserverSlot>) -> Self {
         let mut r: Vec<(u64, u64)> = ram
             .iter()
             .map(|g| (g.start >> PAGE_SHIFT, g.end >> PAGE_SHIFT))
@@ -63,6 +75,7 @@ impl Space {
             ram: r,
             poisoned: BTreeSet::new(),
             mapped: 0,
+            observer,
         }
     }
 
@@ -115,6 +128,8 @@ impl Space {
     }
 
     pub(crate) fn install(&mut self, m: Mapping) {
+        self.observer
+            .report(PrimaryChange::Install, m.range(), m.frame);
         let si = (m.gfn / SLOT_PAGES) as usize;
         if m.order == HUGE_ORDER {
             debug_assert!(matches!(self.slots[si], Slot::Empty));
@@ -144,6 +159,12 @@ impl Space {
         let Slot::Huge(f) = self.slots[si] else {
             return None;
         };
+        let old = Mapping {
+            gfn: si as u64 * SLOT_PAGES,
+            frame: f,
+            order: HUGE_ORDER,
+        };
+        self.observer.report(PrimaryChange::Split, old.range(), f);
         let mut t = Box::new(SmallTable {
             frames: [NONE; SLOT_PAGES as usize],
             count: SLOT_PAGES as u16,
@@ -152,17 +173,15 @@ impl Space {
             *e = f + i as u32;
         }
         self.slots[si] = Slot::Small(t);
-        Some(Mapping {
-            gfn: si as u64 * SLOT_PAGES,
-            frame: f,
-            order: HUGE_ORDER,
-        })
+        Some(old)
     }
 
     /// Remove the mapping that covers `gfn` (the whole huge mapping if it
     /// is one).
     pub(crate) fn remove(&mut self, gfn: u64) -> Option<Mapping> {
         let m = self.lookup(gfn)?;
+        self.observer
+            .report(PrimaryChange::Remove, m.range(), m.frame);
         let si = (gfn / SLOT_PAGES) as usize;
         if m.order == HUGE_ORDER {
             self.slots[si] = Slot::Empty;
@@ -180,6 +199,11 @@ impl Space {
     /// Replace the frame of the 4 KiB mapping at `gfn`.
     pub(crate) fn replace(&mut self, gfn: u64, frame: FrameId) {
         if let Slot::Small(t) = &mut self.slots[(gfn / SLOT_PAGES) as usize] {
+            self.observer.report(
+                PrimaryChange::Replace,
+                GpaRange::new(gfn << PAGE_SHIFT, PAGE_SIZE),
+                frame,
+            );
             t.frames[(gfn % SLOT_PAGES) as usize] = frame;
         }
     }
@@ -222,6 +246,10 @@ impl Space {
     /// Remove every mapping; returns them.
     pub(crate) fn clear(&mut self) -> Vec<Mapping> {
         let all: Vec<Mapping> = self.mappings().collect();
+        for m in &all {
+            self.observer
+                .report(PrimaryChange::Remove, m.range(), m.frame);
+        }
         for s in &mut self.slots {
             *s = Slot::Empty;
         }

@@ -9,14 +9,14 @@
 //! whole mapping (`PAGE_SIZE << order`), no secondary MMU can reach the
 //! frame and nobody can write it, so the check is repeated there and only a
 //! frame that is still zero (and still mapped at the same place) is
-//! unmapped, freed and punched. Huge mappings are taken only when all 512
+//! unmapped, punched and freed, still inside that bracket. Huge mappings are taken only when all 512
 //! frames are zero; they are never split for this.
 
 use crate::frame::FrameId;
 use crate::memory::GuestMemory;
-use crate::notifier::{GpaRange, InvalidateReason};
+use crate::notifier::InvalidateReason;
 use crate::space::Mapping;
-use crate::{PAGE_SHIFT, PAGE_SIZE};
+use crate::PAGE_SIZE;
 
 /// What [`GuestMemory::reclaim_zero_pages`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -66,27 +66,28 @@ impl GuestMemory {
                 .collect()
         };
         rep.candidates = candidates.len() as u64;
-        let mut blocks = Vec::new();
         for m in candidates {
-            let range = GpaRange::new(m.gfn << PAGE_SHIFT, PAGE_SIZE << m.order);
             let guard = self
                 .notifiers
-                .invalidate_range_start(range, InvalidateReason::Release);
-            {
+                .invalidate_range_start(m.range(), InvalidateReason::Release);
+            let removed = {
                 let mut s = self.write_space();
                 // Still the same mapping, still zero: nobody can write it now.
-                if s.lookup(m.gfn) == Some(m) && self.frames_zero(m.frame, m.order) {
+                let same = s.lookup(m.gfn) == Some(m) && self.frames_zero(m.frame, m.order);
+                if same {
                     s.remove(m.gfn);
                     self.unmap_desc(m);
-                    blocks.push((m.frame, m.order));
                     rep.freed_frames += 1 << m.order;
                 } else {
                     rep.raced += 1;
                 }
+                same
+            };
+            if removed {
+                self.punch_and_free(vec![m]);
             }
             drop(guard);
         }
-        self.punch_and_free(blocks);
         self.released
             .fetch_add(rep.freed_frames, std::sync::atomic::Ordering::Relaxed);
         rep

@@ -1,4 +1,7 @@
-//! Deterministic tests of the public API.
+//! Deterministic tests of the public API. Every `GuestMemory` here runs
+//! with a [`BracketChecker`]: each change of the primary map and each free,
+//! punch or retirement of a frame that left it must happen inside an
+//! invalidation covering it.
 #![cfg(not(feature = "loom"))]
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,11 +11,12 @@ use guestmem::*;
 
 const MIB: u64 = 1 << 20;
 
-/// Records every invalidation and checks start/end bracketing.
-#[derive(Default)]
+/// Records every invalidation and checks start/end bracketing; its
+/// `checker` checks that every primary change lies inside one.
 struct Recorder {
     log: Mutex<Vec<(bool, Invalidation)>>,
     open: AtomicU64,
+    checker: Arc<BracketChecker>,
 }
 
 impl MmuNotifier for Recorder {
@@ -42,19 +46,30 @@ impl Recorder {
         for pair in log.chunks(2) {
             assert!(pair[0].0 && !pair[1].0 && pair[0].1 == pair[1].1, "{log:?}");
         }
+        self.checker.assert_clean();
     }
+}
+
+/// `gm` with a [`Recorder`] subscribed (after a [`BracketChecker`]).
+fn watched(gm: GuestMemory) -> (GuestMemory, Arc<Recorder>) {
+    let rec = Arc::new(Recorder {
+        log: Mutex::default(),
+        open: AtomicU64::default(),
+        checker: BracketChecker::install(&gm),
+    });
+    gm.notifiers().register(rec.clone());
+    (gm, rec)
 }
 
 /// 8 MiB of RAM at [0, 8M), 2 vCPUs, no spare frames.
 fn small(vcpus: usize) -> (GuestMemory, Arc<Recorder>) {
-    let gm = GuestMemory::new(GuestMemoryConfig::new(
-        vec![GpaRange::new(0, 8 * MIB)],
-        vcpus,
-    ))
-    .unwrap();
-    let rec = Arc::new(Recorder::default());
-    gm.notifiers().register(rec.clone());
-    (gm, rec)
+    watched(
+        GuestMemory::new(GuestMemoryConfig::new(
+            vec![GpaRange::new(0, 8 * MIB)],
+            vcpus,
+        ))
+        .unwrap(),
+    )
 }
 
 fn write(gm: &GuestMemory, r: &Resolved, off: u64, v: u8) {
@@ -119,7 +134,7 @@ fn pcp_watermarks_refill_trim_drain() {
 
 #[test]
 fn resolve_uses_huge_blocks_where_possible() {
-    let gm = GuestMemory::new(GuestMemoryConfig::x86(16 * MIB, 1)).unwrap();
+    let (gm, rec) = watched(GuestMemory::new(GuestMemoryConfig::x86(16 * MIB, 1)).unwrap());
     // [0,2M) contains the 640K..1M hole: 4 KiB mappings only.
     let low = gm.resolve(0x1000, 0).unwrap();
     assert_eq!((low.gpa, low.order), (0x1000, 0));
@@ -140,25 +155,69 @@ fn resolve_uses_huge_blocks_where_possible() {
     let s = gm.stats();
     assert_eq!((s.mapped, s.allocated), (513, 513));
     gm.check().unwrap();
+    assert_eq!(rec.checker.seen(PrimaryChange::Install), 2);
+    rec.assert_bracketed();
 }
 
 #[test]
 fn new_frames_are_zero_even_when_reused() {
-    let (gm, _) = small(1);
+    let (gm, rec) = small(1);
     let a = gm.alloc(0, 0).unwrap();
     // SAFETY: we own frame `a`.
     unsafe { gm.pool().frame_bytes_mut(a, 1) }.fill(0x5a);
+    assert_eq!(gm.stats().resident_bytes, 4096);
     gm.free(0, a, 0).unwrap();
-    // The dirty frame is the hot one on vCPU 0's list; resolve of a 4 KiB
-    // slot gets it and must zero it.
+    // Its host memory went back with it (a frame out of use holds none).
+    assert_eq!(gm.stats().resident_bytes, 0);
+    gm.check().unwrap();
+    // The frame is the hot one on vCPU 0's list; resolve of a 4 KiB slot
+    // gets it and it reads zero.
     gm.resolve(0, 0).unwrap(); // fills [0,2M) as huge: use a split slot instead
     gm.release_range(GpaRange::new(0x1000, 0x1000)).unwrap();
     let r = gm.resolve(0x1000, 0).unwrap();
     assert_eq!(r.order, 0);
     assert_eq!(r.frame, a, "test premise: the dirty frame is reused");
     assert!((0..4096).all(|i| read(&r, i) == 0));
-    assert!(gm.stats().zeroed >= 1);
+    assert_eq!(gm.stats().zeroed, 0, "punched frames need no zeroing");
     gm.check().unwrap();
+    rec.assert_bracketed();
+}
+
+/// Every kind of primary change happens inside an invalidation covering
+/// it: the checker sees each kind at least once and no violation.
+#[test]
+fn every_primary_change_lies_inside_a_covering_invalidation() {
+    let mut cfg = GuestMemoryConfig::new(vec![GpaRange::new(0, 8 * MIB)], 1);
+    cfg.extra_frames = 16;
+    let (gm, rec) = watched(GuestMemory::new(cfg).unwrap());
+    for gpa in (0..8 * MIB).step_by(4096) {
+        gm.resolve(gpa, 0).unwrap();
+    }
+    let r = gm.resolve(2 * MIB, 0).unwrap();
+    write(&gm, &r, 0x5000, 9);
+    // Split + remove + punch + free.
+    gm.release_range(GpaRange::new(2 * MIB + 0x3000, 0x2000))
+        .unwrap();
+    // Split + replace + punch + retire.
+    let f = gm.frame_of_gpa(4 * MIB + 0x7000).unwrap();
+    assert!(matches!(
+        gm.soft_offline(f),
+        Ok(SoftOfflineOutcome::Migrated { .. })
+    ));
+    // Remove + punch + retire.
+    let f = gm.frame_of_gpa(6 * MIB + 0x1000).unwrap();
+    assert!(matches!(
+        gm.memory_failure(f, MfFlags::default()),
+        Ok(MfOutcome::Mapped { .. })
+    ));
+    // Zero reclaim: remove + punch + free, one bracket per mapping.
+    assert!(gm.reclaim_zero_pages(64).freed_frames > 0);
+    gm.reset();
+    gm.check().unwrap();
+    rec.assert_bracketed();
+    for change in PrimaryChange::ALL {
+        assert!(rec.checker.seen(change) > 0, "no {change:?} seen");
+    }
 }
 
 #[test]
@@ -210,6 +269,7 @@ fn release_splits_huge_mapping_and_returns_memory() {
         gm.release_range(GpaRange::new(8 * MIB, 4096)),
         Err(ReleaseError::OutOfRange { .. })
     ));
+    rec.assert_bracketed();
 }
 
 #[test]
@@ -244,4 +304,5 @@ fn reset_unmaps_everything_and_forgets_gfn_poison() {
         "retired frame reused"
     );
     gm.check().unwrap();
+    rec.assert_bracketed();
 }

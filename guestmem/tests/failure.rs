@@ -2,9 +2,9 @@
 #![cfg(not(feature = "loom"))]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use guestmem::*;
 
@@ -33,18 +33,6 @@ fn mem(mib: u64, vcpus: usize, extra: u64) -> (GuestMemory, Arc<Recorder>) {
     let rec = Arc::new(Recorder::default());
     gm.notifiers().register(rec.clone());
     (gm, rec)
-}
-
-/// Wait (bounded) for a condition another thread makes true.
-fn eventually(what: &str, f: impl Fn() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "timed out waiting for {what}"
-        );
-        thread::sleep(Duration::from_millis(1));
-    }
 }
 
 #[test]
@@ -186,29 +174,93 @@ fn failure_of_allocated_frame_retires_it_on_free() {
 #[test]
 fn failure_waits_for_the_page_lock() {
     let (gm, _) = mem(8, 1, 0);
+    let gm = Arc::new(gm);
     let r = gm.resolve(0x3000, 0).unwrap();
     let f = r.frame;
     gm.lock_frame(f);
-    let done = AtomicBool::new(false);
-    thread::scope(|s| {
-        let h = s.spawn(|| {
-            let out = gm.memory_failure(f, MfFlags::default());
-            done.store(true, Ordering::SeqCst);
-            out
-        });
-        thread::sleep(Duration::from_millis(100));
-        assert!(
-            !done.load(Ordering::SeqCst),
-            "memory_failure did not wait for the page lock"
-        );
-        assert!(
-            gm.lookup(0x3000).is_some(),
-            "unmapped while the page was locked"
-        );
-        gm.unlock_frame(f);
-        assert!(matches!(h.join().unwrap(), Ok(MfOutcome::Mapped { .. })));
+    // A detached thread and a bounded receive: if the unlock below never
+    // woke memory_failure, the test fails instead of hanging.
+    let (tx, rx) = mpsc::channel();
+    let g2 = gm.clone();
+    thread::spawn(move || {
+        let _ = tx.send(g2.memory_failure(f, MfFlags::default()));
     });
+    thread::sleep(Duration::from_millis(100));
+    assert!(
+        rx.try_recv().is_err(),
+        "memory_failure did not wait for the page lock"
+    );
+    assert!(
+        gm.lookup(0x3000).is_some(),
+        "unmapped while the page was locked"
+    );
+    gm.unlock_frame(f);
+    let out = rx
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|e| {
+            panic!(
+                "memory_failure not done 10 s after the unlock ({e}): frame {f} lock word {:#x}",
+                gm.allocator().desc(f).raw()
+            )
+        });
+    assert!(matches!(out, Ok(MfOutcome::Mapped { .. })), "{out:?}");
     gm.check().unwrap();
+}
+
+/// Retired frames give their host memory back: soft offline (the data is
+/// copied first) and hard poison of mapped pages punch the old frame, so
+/// the pool's host memory does not grow with retirements and the exact
+/// host-memory rules of `check()` hold (no slack).
+#[test]
+fn retired_frames_give_their_host_memory_back() {
+    const SOFT: u64 = 1500;
+    const HARD: u64 = 100;
+    let (gm, _) = mem(8, 1, SOFT + 16);
+    let pages = 8 * MIB / 4096;
+    for page in 0..pages {
+        let r = gm.resolve(page * 4096, 0).unwrap();
+        let p = (r.host_addr + (page * 4096 - r.gpa)) as *mut u8;
+        // SAFETY: the test plays the guest writing its mapped page.
+        unsafe { p.write_volatile(page as u8 | 1) };
+    }
+    let resident = gm.stats().resident_bytes;
+    assert_eq!(resident, 8 * MIB);
+    for page in 0..SOFT {
+        let f = gm.frame_of_gpa(page * 4096).unwrap();
+        let out = gm.soft_offline(f).unwrap();
+        assert!(
+            matches!(out, SoftOfflineOutcome::Migrated { .. }),
+            "{out:?}"
+        );
+    }
+    gm.check()
+        .unwrap_or_else(|e| panic!("after {SOFT} soft offlines: {e}"));
+    let s = gm.stats();
+    assert_eq!(s.retired, SOFT);
+    assert_eq!(
+        s.resident_bytes, resident,
+        "{SOFT} soft offlines: the pool's host memory grew by the retired frames"
+    );
+    for page in pages - HARD..pages {
+        let out = gm.memory_failure_gpa(page * 4096, MfFlags::default());
+        assert!(matches!(out, Ok(MfOutcome::Mapped { .. })), "{out:?}");
+    }
+    gm.check()
+        .unwrap_or_else(|e| panic!("after {HARD} hard poisons: {e}"));
+    let s = gm.stats();
+    assert_eq!(s.retired, SOFT + HARD);
+    assert_eq!(
+        s.resident_bytes,
+        resident - HARD * 4096,
+        "hard-poisoned frames keep their host memory"
+    );
+    // The migrated pages kept their contents.
+    for page in 0..SOFT {
+        let r = gm.lookup(page * 4096).unwrap();
+        // SAFETY: as above, reading.
+        let v = unsafe { ((r.host_addr + (page * 4096 - r.gpa)) as *const u8).read_volatile() };
+        assert_eq!(v, page as u8 | 1, "page {page}");
+    }
 }
 
 #[test]
@@ -260,121 +312,6 @@ fn soft_offline_migrates_without_data_loss() {
 }
 
 #[test]
-fn killable_lock_takes_the_bit_before_honouring_the_kill() {
-    // v4.13 page waitqueue race: a woken killable waiter that bails out
-    // without taking the free lock leaves the next waiter asleep forever.
-    let locks = Arc::new(PageLocks::new());
-    let a = FrameAllocator::new(16, 0, 1, PcpConfig::default());
-    let a = &a;
-    let d = a.desc(3);
-    assert!(locks.try_lock(d));
-    let kill = KillSignal::new();
-    let c_got = AtomicBool::new(false);
-    thread::scope(|s| {
-        let b = s.spawn(|| {
-            let r = locks.lock_killable(d, 3, &kill);
-            if r.is_ok() {
-                locks.unlock(d, 3);
-            }
-            r
-        });
-        thread::sleep(Duration::from_millis(50)); // B queues first
-        let c = s.spawn(|| {
-            locks.lock(d, 3);
-            c_got.store(true, Ordering::SeqCst);
-            locks.unlock(d, 3);
-        });
-        thread::sleep(Duration::from_millis(50));
-        kill.set_pending(); // the kill is pending when B is woken
-        locks.unlock(d, 3); // wakes B (exclusive, first in queue)
-        assert_eq!(
-            b.join().unwrap(),
-            Ok(()),
-            "woken waiter must take the free bit"
-        );
-        eventually("the second waiter to get the lock", || {
-            c_got.load(Ordering::SeqCst)
-        });
-        c.join().unwrap();
-    });
-    // A kill delivered while the lock stays held is honoured.
-    assert!(locks.try_lock(d));
-    let kill = KillSignal::new();
-    thread::scope(|s| {
-        let b = s.spawn(|| locks.lock_killable(d, 3, &kill));
-        thread::sleep(Duration::from_millis(30));
-        kill.kill();
-        assert_eq!(b.join().unwrap(), Err(Killed { frame: 3 }));
-    });
-    locks.unlock(d, 3);
-    assert!(locks.try_lock(d), "no WAITERS/LOCKED bit left behind");
-    locks.unlock(d, 3);
-}
-
-#[test]
-fn page_lock_wakes_all_shared_and_one_exclusive_fifo() {
-    let a = FrameAllocator::new(16, 0, 1, PcpConfig::default());
-    let locks = PageLocks::new();
-    let d = a.desc(5);
-    locks.lock(d, 5);
-    let order = Mutex::new(Vec::new());
-    let waited = AtomicU64::new(0);
-    thread::scope(|s| {
-        for i in 0..3 {
-            let (locks, order) = (&locks, &order);
-            s.spawn(move || {
-                locks.lock(d, 5);
-                order.lock().unwrap().push(i);
-                thread::sleep(Duration::from_millis(5));
-                locks.unlock(d, 5);
-            });
-            thread::sleep(Duration::from_millis(30));
-        }
-        for _ in 0..3 {
-            s.spawn(|| {
-                locks.wait_unlocked(d, 5);
-                waited.fetch_add(1, Ordering::SeqCst);
-            });
-        }
-        thread::sleep(Duration::from_millis(30));
-        assert_eq!(waited.load(Ordering::SeqCst), 0);
-        locks.unlock(d, 5);
-    });
-    assert_eq!(
-        *order.lock().unwrap(),
-        vec![0, 1, 2],
-        "exclusive waiters served FIFO"
-    );
-    assert_eq!(waited.load(Ordering::SeqCst), 3);
-}
-
-#[test]
-fn page_lock_stress_mutual_exclusion() {
-    let a = FrameAllocator::new(4, 0, 1, PcpConfig::default());
-    let locks = PageLocks::new();
-    let inside = AtomicU64::new(0);
-    let total = AtomicU64::new(0);
-    thread::scope(|s| {
-        for _ in 0..4 {
-            s.spawn(|| {
-                for i in 0..5000u32 {
-                    let f = i % 2;
-                    locks.lock(a.desc(f), f);
-                    assert_eq!(
-                        inside.fetch_add(1 << (f * 16), Ordering::SeqCst) >> (f * 16) & 0xffff,
-                        0
-                    );
-                    total.fetch_add(1, Ordering::Relaxed);
-                    inside.fetch_sub(1 << (f * 16), Ordering::SeqCst);
-                    locks.unlock(a.desc(f), f);
-                }
-            });
-        }
-    });
-    assert_eq!(total.load(Ordering::Relaxed), 20000);
-}
-
-#[test]
 fn oom_reports_numbers_and_reclaim_callbacks_run_outside_the_lock() {
     let (gm, _) = mem(4, 2, 0);
     let gm = Arc::new(gm);
@@ -393,6 +330,10 @@ fn oom_reports_numbers_and_reclaim_callbacks_run_outside_the_lock() {
     let calls = Arc::new(AtomicU64::new(0));
     let weak = Arc::downgrade(&gm);
     let c2 = calls.clone();
+    // Set when a callback runs on a thread holding the OOM lock (recorded,
+    // not asserted in the callback: the allocation must still complete).
+    let under_lock = Arc::new(AtomicBool::new(false));
+    let u2 = under_lock.clone();
     thread_local!(static IN_CALLBACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
     gm.register_reclaim(Arc::new(move |req: &ReclaimRequest| {
         assert!(
@@ -401,6 +342,9 @@ fn oom_reports_numbers_and_reclaim_callbacks_run_outside_the_lock() {
         );
         let earlier = c2.fetch_add(1, Ordering::SeqCst);
         let gm = weak.upgrade().unwrap();
+        if gm.oom_lock_held_by_current_thread() {
+            u2.store(true, Ordering::SeqCst);
+        }
         // The nested allocation takes the fast path only. It can succeed
         // only when the other thread's callback already freed memory.
         if let Ok(f) = gm.alloc(req.cpu, 0) {
@@ -423,7 +367,46 @@ fn oom_reports_numbers_and_reclaim_callbacks_run_outside_the_lock() {
         }
     });
     assert!(calls.load(Ordering::SeqCst) >= 1);
+    assert!(
+        !under_lock.load(Ordering::SeqCst),
+        "a reclaim callback ran while its thread held the OOM lock"
+    );
     let s = gm.stats();
     assert!(s.oom_events >= 1 && s.reclaim_runs >= 1);
+    gm.check().unwrap();
+}
+
+/// One allocating thread: inside its reclaim callback nobody may hold the
+/// OOM lock (a `try_lock` of it succeeds), and the callback can free
+/// memory and allocate without deadlocking.
+#[test]
+fn reclaim_callbacks_run_without_the_oom_lock() {
+    let (gm, _) = mem(4, 1, 0);
+    let gm = Arc::new(gm);
+    for gpa in (0..4 * MIB).step_by(4096) {
+        gm.resolve(gpa, 0).unwrap();
+    }
+    // (held by anyone, held by this thread) seen inside each callback.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (weak, s2) = (Arc::downgrade(&gm), seen.clone());
+    gm.register_reclaim(Arc::new(move |_req: &ReclaimRequest| {
+        let gm = weak.upgrade().unwrap();
+        s2.lock()
+            .unwrap()
+            .push((gm.oom_lock_held(), gm.oom_lock_held_by_current_thread()));
+        gm.release_range(GpaRange::new(0, 2 * MIB))
+            .unwrap()
+            .freed_frames
+    }));
+    assert!(!gm.oom_lock_held(), "held before the allocation");
+    let f = gm.alloc(0, 0).expect("the callback freed memory");
+    gm.free(0, f, 0).unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert!(!seen.is_empty(), "the reclaim callback never ran");
+    assert!(
+        seen.iter().all(|&(any, mine)| !any && !mine),
+        "reclaim callbacks ran with the OOM lock held (held by anyone, by the callback's thread): {seen:?}"
+    );
+    assert!(!gm.oom_lock_held(), "left held");
     gm.check().unwrap();
 }

@@ -1,6 +1,7 @@
 //! Zero-page reclaim: zero frames go back to the host inside a notifier
 //! bracket, written ones stay, a write that lands before the bracket wins,
-//! and the OOM path uses it as a reclaim callback.
+//! and the OOM path uses it as a reclaim callback. Every `GuestMemory` here
+//! runs with a [`BracketChecker`].
 #![cfg(not(feature = "loom"))]
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +19,15 @@ struct Recorder {
     starts: Mutex<Vec<GpaRange>>,
     open: AtomicU64,
     poke: AtomicU64,
+    checker: std::sync::OnceLock<Arc<BracketChecker>>,
+}
+
+impl Recorder {
+    /// Every primary change so far lay inside a covering invalidation.
+    #[track_caller]
+    fn assert_bracketed(&self) {
+        self.checker.get().expect("installed").assert_clean();
+    }
 }
 
 impl MmuNotifier for Recorder {
@@ -40,6 +50,7 @@ fn mem(mib: u64) -> (Arc<GuestMemory>, Arc<Recorder>) {
     let gm =
         GuestMemory::new(GuestMemoryConfig::new(vec![GpaRange::new(0, mib * MIB)], 1)).unwrap();
     let rec = Arc::new(Recorder::default());
+    let _ = rec.checker.set(BracketChecker::install(&gm));
     gm.notifiers().register(rec.clone());
     (Arc::new(gm), rec)
 }
@@ -104,6 +115,7 @@ fn zero_pages_are_released_and_written_ones_kept() {
     gm.resolve(HUGE + 0x4000, 0).unwrap();
     assert_eq!(read(&gm, HUGE + 0x4000), 0);
     gm.check().unwrap();
+    rec.assert_bracketed();
 }
 
 #[test]
@@ -119,20 +131,22 @@ fn a_write_before_the_bracket_keeps_the_page() {
     assert_eq!(r.freed_frames, 510 + 512, "{r:?}");
     assert_eq!(read(&gm, HUGE + 0x1000), 0x5a5a);
     gm.check().unwrap();
+    rec.assert_bracketed();
 }
 
 #[test]
 fn max_pages_bounds_the_work() {
-    let (gm, _rec) = mem(6);
+    let (gm, rec) = mem(6);
     populate(&gm);
     let r = gm.reclaim_zero_pages(16);
     assert_eq!((r.candidates, r.freed_frames), (16, 16), "{r:?}");
     gm.check().unwrap();
+    rec.assert_bracketed();
 }
 
 #[test]
 fn oom_reclaims_zero_pages() {
-    let (gm, _rec) = mem(6);
+    let (gm, rec) = mem(6);
     populate(&gm);
     assert!(gm.alloc(0, 0).is_err(), "the guest holds every frame");
     let weak = Arc::downgrade(&gm);
@@ -147,6 +161,7 @@ fn oom_reclaims_zero_pages() {
     assert_eq!(read(&gm, 0x1000), 7);
     assert_eq!(read(&gm, HUGE + 0x3000), 9);
     gm.check().unwrap();
+    rec.assert_bracketed();
 }
 
 /// Blocks the first bracket it sees until released.
@@ -171,7 +186,7 @@ fn busy_memory_operation_means_no_reclaim_now() {
     // Another memory operation (here a balloon release, stopped inside its
     // bracket) holds guestmem's operation lock: reclaim must not wait for
     // it (that operation may be the allocation that asked for reclaim).
-    let (gm, _rec) = mem(4);
+    let (gm, rec) = mem(4);
     for gpa in (0..4 * MIB).step_by(4096) {
         gm.resolve(gpa, 0).unwrap();
     }
@@ -193,4 +208,5 @@ fn busy_memory_operation_means_no_reclaim_now() {
     // Once the operation is over, reclaim works.
     assert_eq!(gm.reclaim_zero_pages(u64::MAX).freed_frames, 1023);
     gm.check().unwrap();
+    rec.assert_bracketed();
 }

@@ -11,10 +11,20 @@
 //! - where the view maps no memfd page, /proc/self/pagemap shows no page
 //!   present either: a write KVM let through into such a hole would land in
 //!   host memory guestmem does not own and be lost at the next fault;
+//! - where the view maps a frame, that frame holds host memory (the view
+//!   maps with `MAP_POPULATE`, and a frame is punched only after the view
+//!   dropped it);
 //!
-//! plus guestmem's own `check()` and host memory vs. frame counters, both
-//! ways (no free frame holds host memory, every allocated frame does; a few
-//! MiB of slack for batched releases).
+//! plus guestmem's own checks, including its exact host-memory rules (no
+//! slack): no frame out of use (free, cached on a per-vCPU list, retired)
+//! holds host memory, so the pool holds at most the frames in use. Each
+//! frame that breaks them is listed.
+//!
+//! The pieces are read one after the other while the guest runs. Mappings
+//! change only through faults (which only add populated frames) and
+//! invalidations, which run on the event-loop thread that also serves
+//! this check, except zero-page reclaim on the pager thread when memory
+//! runs out; so apart from that case the pieces agree.
 
 use std::os::fd::AsRawFd;
 
@@ -37,13 +47,21 @@ pub struct CheckReport {
     pub stray_pages: u64,
     /// Host memory held by the pool (bytes).
     pub resident_bytes: u64,
-    /// Frames allocated or cached by guestmem, in bytes.
+    /// Frames in use (allocated, mapped ones included), in bytes: the most
+    /// host memory the pool may hold.
     pub accounted_bytes: u64,
     /// What is wrong (at most 32 entries).
     pub problems: Vec<String>,
 }
 
 const MAX_PROBLEMS: usize = 32;
+
+/// Record a problem (the first [`MAX_PROBLEMS`] are kept).
+fn problem(rep: &mut CheckReport, s: String) {
+    if rep.problems.len() < MAX_PROBLEMS {
+        rep.problems.push(s);
+    }
+}
 
 struct HostMapping {
     start: u64,
@@ -112,14 +130,6 @@ impl GuestRam {
             };
         };
         let mut rep = CheckReport::default();
-        fn problem(rep: &mut CheckReport, s: String) {
-            if rep.problems.len() < MAX_PROBLEMS {
-                rep.problems.push(s);
-            }
-        }
-        if let Err(e) = m.gm.check() {
-            problem(&mut rep, format!("guestmem: {e}"));
-        }
         // SAFETY: fstat on the pool's descriptor into a zeroed stat.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: valid descriptor and buffer.
@@ -154,12 +164,34 @@ impl GuestRam {
                 Vec::new()
             }
         };
+        // After the view's mappings were read: a frame mapped then holds
+        // host memory now (nothing was invalidated meanwhile, see the
+        // module docs).
+        let host = match m.gm.check_host_memory() {
+            Ok(h) => {
+                Self::host_memory_problems(&h, &mut rep);
+                h
+            }
+            Err(e) => {
+                problem(&mut rep, format!("guestmem: {e}"));
+                guestmem::HostMemory::default()
+            }
+        };
         for r in guestmem::GuestMemoryConfig::x86(self.bytes, 1).ram {
             let mut gpa = r.start;
             while gpa < r.end {
                 rep.pages += 1;
                 let view = host_offset(gpa);
                 rep.view_mapped += u64::from(view.is_some());
+                if let Some(off) = view {
+                    let frame = off >> guestmem::PAGE_SHIFT;
+                    if host.holds.get(frame as usize) == Some(&false) {
+                        problem(
+                            &mut rep,
+                            format!("gpa {gpa:#x}: the view maps frame {frame}, which holds no host memory"),
+                        );
+                    }
+                }
                 let idx = (gpa / guestmem::PAGE_SIZE) as usize;
                 if view.is_none() && present.get(idx).copied().unwrap_or(false) {
                     rep.stray_pages += 1;
@@ -205,33 +237,46 @@ impl GuestRam {
                 gpa += guestmem::PAGE_SIZE;
             }
         }
-        let s = m.gm.stats();
-        rep.resident_bytes = s.resident_bytes;
-        rep.accounted_bytes = (s.allocated + s.pcp_cached) * guestmem::PAGE_SIZE;
-        // Free frames must not hold host memory (beyond a small slack for
-        // frames whose release is batched).
-        let slack = 4 << 20;
-        if rep.resident_bytes > rep.accounted_bytes + slack {
-            let msg = format!(
-                "the pool holds {} KiB of host memory but only {} KiB are allocated",
-                rep.resident_bytes >> 10,
-                rep.accounted_bytes >> 10
-            );
-            problem(&mut rep, msg);
-        }
-        // ... and every allocated frame holds host memory (frames are
-        // populated when handed to the guest; cached free frames may not).
-        let allocated = s.allocated * guestmem::PAGE_SIZE;
-        if allocated > rep.resident_bytes + slack {
-            let msg = format!(
-                "{} KiB of frames are allocated but the pool holds only {} KiB of host memory",
-                allocated >> 10,
-                rep.resident_bytes >> 10
-            );
-            problem(&mut rep, msg);
-        }
         rep.ok = rep.problems.is_empty();
         rep
+    }
+
+    /// guestmem's exact host-memory rules, one problem per frame that
+    /// breaks them (up to the report's limit) plus the totals.
+    fn host_memory_problems(h: &guestmem::HostMemory, rep: &mut CheckReport) {
+        rep.resident_bytes = h.resident_bytes;
+        rep.accounted_bytes = h.in_use_frames * guestmem::PAGE_SIZE;
+        let stray_with = |used| h.stray.iter().filter(|s| s.1 == used).count();
+        if !h.stray.is_empty() {
+            problem(
+                rep,
+                format!(
+                    "{} frames out of use hold {} KiB of host memory (retired: {}, free: {}, \
+                     per-vCPU lists: {}); a frame leaving use must be punched",
+                    h.stray.len(),
+                    (h.stray.len() as u64 * guestmem::PAGE_SIZE) >> 10,
+                    stray_with(guestmem::FrameUse::Retired),
+                    stray_with(guestmem::FrameUse::Free),
+                    stray_with(guestmem::FrameUse::PerCpuList),
+                ),
+            );
+        }
+        if rep.resident_bytes > rep.accounted_bytes {
+            problem(
+                rep,
+                format!(
+                    "the pool holds {} KiB of host memory but only {} KiB are allocated",
+                    rep.resident_bytes >> 10,
+                    rep.accounted_bytes >> 10
+                ),
+            );
+        }
+        for (frame, used) in &h.stray {
+            problem(
+                rep,
+                format!("frame {frame} is out of use ({used:?}) but holds host memory"),
+            );
+        }
     }
 }
 
