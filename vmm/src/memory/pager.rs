@@ -202,7 +202,10 @@ impl Pager {
                 }
             }
         }
-        self.stats.lock().unwrap_or_else(|e| e.into_inner()).requeued += 1;
+        self.stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .requeued += 1;
         self.view
             .wake(GpaRange::new(gpa, guestmem::PAGE_SIZE))
             .map_err(|e| format!("pager: {e}"))
