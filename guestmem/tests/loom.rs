@@ -13,10 +13,33 @@ use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use loom::sync::Arc;
 use loom::thread;
 
-fn model(f: impl Fn() + Sync + Send + 'static) {
+/// Run loom model `name` with a preemption bound (LOOM_MAX_PREEMPTIONS,
+/// default 2), print how many interleavings it explored and fail if it was
+/// only one: a model whose accesses loom cannot see proves nothing.
+fn model(name: &str, f: impl Fn() + Sync + Send + 'static) {
+    let runs = std::sync::Arc::new(StdAtomicUsize::new(0));
+    let counter = runs.clone();
     let mut b = loom::model::Builder::new();
-    b.preemption_bound = Some(2);
-    b.check(f);
+    b.preemption_bound = Some(
+        std::env::var("LOOM_MAX_PREEMPTIONS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2),
+    );
+    let start = std::time::Instant::now();
+    b.check(move || {
+        counter.fetch_add(1, StdOrdering::Relaxed);
+        f()
+    });
+    let n = runs.load(StdOrdering::Relaxed);
+    eprintln!(
+        "loom model {name}: {n} interleavings in {:.2?}",
+        start.elapsed()
+    );
+    assert!(
+        n > 1,
+        "loom model {name} explored a single interleaving: loom sees none of its races"
+    );
 }
 
 /// Everything allocatable exactly once: nothing lost, nothing duplicated.
@@ -33,7 +56,7 @@ fn assert_all_frames_once(a: &FrameAllocator, held: usize) {
 
 #[test]
 fn drain_all_vs_owner_alloc_free() {
-    model(|| {
+    model("drain_all_vs_owner_alloc_free", || {
         let a = Arc::new(FrameAllocator::new(
             4,
             0,
@@ -57,7 +80,7 @@ fn drain_all_vs_owner_alloc_free() {
 
 #[test]
 fn drain_cpu_vs_two_owners() {
-    model(|| {
+    model("drain_cpu_vs_two_owners", || {
         let a = Arc::new(FrameAllocator::new(
             4,
             0,
@@ -83,7 +106,7 @@ fn drain_cpu_vs_two_owners() {
 
 #[test]
 fn page_lock_mutual_exclusion_and_wakeup() {
-    model(|| {
+    model("page_lock_mutual_exclusion_and_wakeup", || {
         let a = Arc::new(FrameAllocator::new(
             2,
             0,
@@ -115,7 +138,7 @@ fn page_lock_mutual_exclusion_and_wakeup() {
 /// at the end.
 #[test]
 fn killable_waiter_never_strands_others() {
-    model(|| {
+    model("killable_waiter_never_strands_others", || {
         let a = Arc::new(FrameAllocator::new(
             2,
             0,
@@ -149,7 +172,7 @@ fn killable_waiter_never_strands_others() {
 /// or duplicated, and the owner's frame stays allocated.
 #[test]
 fn owner_fast_path_vs_remote_drain() {
-    model(|| {
+    model("owner_fast_path_vs_remote_drain", || {
         let a = Arc::new(FrameAllocator::new(
             4,
             0,
@@ -176,7 +199,7 @@ fn owner_fast_path_vs_remote_drain() {
 /// handed out twice.
 #[test]
 fn ownership_steal_vs_owner() {
-    model(|| {
+    model("ownership_steal_vs_owner", || {
         let a = Arc::new(FrameAllocator::new(
             4,
             0,
@@ -213,7 +236,7 @@ fn ownership_steal_vs_owner() {
 /// which case its free retires it).
 #[test]
 fn poison_vs_owner_fast_free() {
-    model(|| {
+    model("poison_vs_owner_fast_free", || {
         let a = Arc::new(FrameAllocator::new(
             4,
             0,
@@ -306,7 +329,7 @@ fn page_lock_handoff_fifo_and_no_third_party() {
     static HANDOFF_RUNS: StdAtomicUsize = StdAtomicUsize::new(0);
     static OVERTAKEN_RUNS: StdAtomicUsize = StdAtomicUsize::new(0);
     static WINDOW_PROBES: StdAtomicUsize = StdAtomicUsize::new(0);
-    model(|| {
+    model("page_lock_handoff_fifo_and_no_third_party", || {
         let a = Arc::new(FrameAllocator::new(
             2,
             0,
