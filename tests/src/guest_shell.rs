@@ -191,6 +191,13 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 /// echoed command line does not contain it; it is found anywhere in a line
 /// (text before it, output without a final newline, is kept).
 pub fn shell(vm: &mut Vmm, cmd: &str) -> Vec<String> {
+    shell_within(vm, cmd, T)
+}
+
+/// [`shell`] with its own limit, for commands whose work grows with their
+/// input (filling guest RAM: every page is zeroed by the guest kernel, which
+/// runs emulated on some hosts).
+pub fn shell_within(vm: &mut Vmm, cmd: &str, limit: Duration) -> Vec<String> {
     let n = SEQ.fetch_add(1, Ordering::Relaxed) + 1000;
     let sep = if cmd.trim_end().ends_with('&') {
         " "
@@ -200,7 +207,7 @@ pub fn shell(vm: &mut Vmm, cmd: &str) -> Vec<String> {
     vm.send(&format!("{cmd}{sep}echo \":DONE:$(( {n} + 0 )):\"\n"));
     let done = format!(":DONE:{n}:");
     let mut out = Vec::new();
-    let deadline = Instant::now() + T;
+    let deadline = Instant::now() + limit;
     loop {
         let l = guest_line(vm, deadline)
             .unwrap_or_else(|| panic!("{cmd}: no {done}; log:\n{}", vm.seen().join("\n")));
@@ -279,14 +286,17 @@ pub fn touch_guest_ram(vm: &mut Vmm, leave_mib: u64) -> u64 {
     mib
 }
 
-/// `poison-victim -n` over `mib` MiB; asserts it exits 0.
+/// `poison-victim -n` over `mib` MiB; asserts it exits 0. The limit grows
+/// with the size: measured ~0.6 s per MiB with two guests side by side on
+/// an emulated-ring-0 host, several times that with builds running beside.
 pub fn touch_mib(vm: &mut Vmm, mib: u64) {
-    let out = shell(
+    let out = shell_within(
         vm,
         &format!(
             "poison-victim -n -p {} >/dev/null 2>&1; echo \"TOUCH-EXIT=$?\"",
             mib << 8
         ),
+        T + Duration::from_secs(3 * mib),
     );
     assert_eq!(
         number_after(&out, "TOUCH-EXIT="),
