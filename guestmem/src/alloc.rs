@@ -86,7 +86,9 @@ pub struct FrameAllocator {
     pub(crate) retired: AtomicU64,
     pub(crate) poisoned: AtomicU64,
     pub(crate) soft_offlined: AtomicU64,
-    reserved: u64,
+    /// Frames `[0, reserved)` are `Reserved`; only changed under the zone
+    /// lock ([`FrameAllocator::unreserve`]).
+    reserved: AtomicU64,
 }
 
 impl FrameAllocator {
@@ -123,8 +125,38 @@ impl FrameAllocator {
             retired: AtomicU64::new(0),
             poisoned: AtomicU64::new(0),
             soft_offlined: AtomicU64::new(0),
-            reserved: reserved.min(frames) as u64,
+            reserved: AtomicU64::new(reserved.min(frames) as u64),
         }
+    }
+
+    /// Number of reserved frames (`[0, reserved)`).
+    pub fn reserved(&self) -> u64 {
+        self.reserved.load(Ordering::Relaxed)
+    }
+
+    /// Hand the last `count` reserved frames (the top of `[0, reserved)`)
+    /// to the buddy lists, coalescing with free neighbours; a reserved
+    /// frame that was poisoned meanwhile is retired instead. Returns the
+    /// frames that became free. `count` is capped at the reserved frames.
+    pub fn unreserve(&self, count: u64) -> u64 {
+        let mut zone = self.lock_zone();
+        let old = self.reserved.load(Ordering::Relaxed);
+        let new = old - count.min(old);
+        let (mut freed, mut retired) = (0u64, 0u64);
+        for f in new as FrameId..old as FrameId {
+            let d = &self.descs[f as usize];
+            if d.has(HWPOISON) {
+                d.set_state(FrameState::Retired, 0);
+                retired += 1;
+            } else {
+                zone.free_block(&self.descs, f, 0);
+                freed += 1;
+            }
+        }
+        self.reserved.store(new, Ordering::Relaxed);
+        drop(zone);
+        self.retired.fetch_add(retired, Ordering::Relaxed);
+        freed
     }
 
     /// Number of frames.
@@ -397,7 +429,7 @@ impl FrameAllocator {
             retired: self.retired.load(Ordering::Relaxed),
             poisoned: self.poisoned.load(Ordering::Relaxed),
             soft_offlined: self.soft_offlined.load(Ordering::Relaxed),
-            reserved: self.reserved,
+            reserved: self.reserved.load(Ordering::Relaxed),
         }
     }
 

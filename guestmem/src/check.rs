@@ -21,6 +21,21 @@ use crate::memory::GuestMemory;
 use crate::pool::Backing;
 use crate::PAGE_SIZE;
 
+/// Changes of the primary map held off (see
+/// [`GuestMemory::hold_changes`]); the map only grows while this lives.
+pub struct ChangesHeld<'a> {
+    gm: &'a GuestMemory,
+    _ops: std::sync::MutexGuard<'a, ()>,
+}
+
+impl ChangesHeld<'_> {
+    /// [`GuestMemory::check_host_memory`] without letting changes in
+    /// between (it would deadlock on `gm` itself here).
+    pub fn check_host_memory(&self) -> Result<HostMemory, CheckError> {
+        self.gm.check_host_memory_held()
+    }
+}
+
 /// How the checker found a frame used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FrameUse {
@@ -217,6 +232,23 @@ impl GuestMemory {
     /// [`HostMemory::verify`] applies the rules.
     pub fn check_host_memory(&self) -> Result<HostMemory, CheckError> {
         let _ops = self.lock_ops();
+        self.check_host_memory_held()
+    }
+
+    /// Hold off every change of the primary map but population (release,
+    /// reset, memory failure, soft offline, unpoison, zero-page reclaim)
+    /// until the result is dropped: mappings are only added meanwhile. For
+    /// checkers that compare the primary with its subscribers and must not
+    /// see a change half done (the VMM's `GET /memory/check`).
+    pub fn hold_changes(&self) -> ChangesHeld<'_> {
+        ChangesHeld {
+            gm: self,
+            _ops: self.lock_ops(),
+        }
+    }
+
+    /// [`GuestMemory::check_host_memory`] with `ops` held by the caller.
+    fn check_host_memory_held(&self) -> Result<HostMemory, CheckError> {
         let space = self.read_space();
         let a = &self.alloc;
         let pcps = crate::pcp::lock_all(&a.pcps);

@@ -22,10 +22,12 @@ pub mod buddy;
 pub mod check;
 pub mod failure;
 pub mod frame;
+mod locked_frames;
 pub mod memory;
 pub mod notifier;
 pub mod observe;
 pub mod oom;
+pub mod overcommit;
 pub mod page_lock;
 pub mod pcp;
 pub mod pool;
@@ -35,7 +37,7 @@ pub mod zero;
 
 pub use alloc::{AllocCounts, AllocError, FrameAllocator};
 pub use buddy::MAX_ORDER;
-pub use check::{CheckError, FrameUse, HostMemory, Stats};
+pub use check::{ChangesHeld, CheckError, FrameUse, HostMemory, Stats};
 pub use failure::{FailureError, MfFlags, MfOutcome, SoftOfflineOutcome};
 pub use frame::{FrameDesc, FrameId, FrameState};
 pub use memory::{
@@ -45,6 +47,7 @@ pub use memory::{
 pub use notifier::{GpaRange, InvalidateReason, Invalidation, MmuNotifier, NotifierList};
 pub use observe::{BracketChecker, PrimaryChange, PrimaryEvent, PrimaryObserver};
 pub use oom::{OutOfMemory, ReclaimFn, ReclaimId, ReclaimRequest};
+pub use overcommit::{FreeNotifyFn, PoolResizeError};
 pub use page_lock::{Acquired, KillSignal, Killed, PageLocks};
 pub use pcp::PcpConfig;
 pub use pool::{Backing, FramePool, PoolError};

@@ -7,8 +7,10 @@
 //! # Lock order
 //! 1. `ops` mutex: serialises everything that removes or changes mappings
 //!    (release, reset, memory failure, soft offline, unpoison).
-//! 2. the page lock of a frame (only memory failure / soft offline take it
-//!    while holding `ops`).
+//! 2. page locks of the frames a change touches (release, reset, memory
+//!    failure, soft offline take them holding `ops`; zero-page reclaim
+//!    try-locks; `resolve` locks the new block with no other lock held;
+//!    several at once in ascending frame order, see `locked_frames.rs`).
 //! 3. notifier callbacks (`invalidate_range_start/end`) run here: with at
 //!    most `ops` and a page lock held, never the space lock, so a secondary
 //!    MMU may call `resolve` from its fault path while holding its own lock.
@@ -24,6 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 
 use crate::alloc::{AllocError, FrameAllocator};
 use crate::frame::{FrameId, FrameState, CLEAN, HWPOISON, NO_GFN};
+use crate::locked_frames::{mapped_heads, LockedFrames};
 use crate::notifier::{GpaRange, InvalidateReason, NotifierList};
 use crate::observe::{ObserverSlot, PrimaryChange, PrimaryObserver};
 use crate::oom::{is_empty, Oom, OutOfMemory, ReclaimFn, ReclaimId};
@@ -47,6 +50,10 @@ pub struct GuestMemoryConfig {
     /// Frames in the pool beyond the RAM size (spares for soft offline);
     /// the pool has `RAM pages + extra_frames` frames.
     pub extra_frames: u64,
+    /// Overcommit: how many of the pool's frames the allocator may hand
+    /// out (`None`: all). The others start `Reserved` (they hold no host
+    /// memory) until [`GuestMemory::grow_pool`] releases them.
+    pub pool_frames: Option<u64>,
 }
 
 /// Start of the 32-bit MMIO hole on x86.
@@ -63,6 +70,7 @@ impl GuestMemoryConfig {
             backing: Backing::Memfd,
             pcp: PcpConfig::default(),
             extra_frames: 0,
+            pool_frames: None,
         }
     }
 
@@ -191,6 +199,8 @@ pub struct GuestMemory {
     pub(crate) zeroed: AtomicU64,
     /// Where primary changes are reported (shared with the space).
     pub(crate) observer: Arc<ObserverSlot>,
+    /// Called when frames come back (see `overcommit.rs`).
+    pub(crate) free_notify: crate::overcommit::FreeNotify,
 }
 
 impl GuestMemory {
@@ -230,9 +240,18 @@ impl GuestMemory {
             frames = frames.next_multiple_of(1 << HUGE_ORDER);
         }
         let pool = FramePool::new(frames, cfg.backing)?;
+        let reserved = match cfg.pool_frames {
+            Some(0) => {
+                return Err(CreateError::Config(
+                    "the frame pool needs at least one usable frame".into(),
+                ))
+            }
+            Some(n) => frames.saturating_sub(n) as u32,
+            None => 0,
+        };
         let observer = Arc::new(ObserverSlot::default());
         Ok(Self {
-            alloc: FrameAllocator::new(pool.frames(), 0, cfg.vcpus, cfg.pcp),
+            alloc: FrameAllocator::new(pool.frames(), reserved, cfg.vcpus, cfg.pcp),
             pool,
             locks: PageLocks::new(),
             space: RwLock::new(Space::new(&ram, observer.clone())),
@@ -242,6 +261,7 @@ impl GuestMemory {
             released: AtomicU64::new(0),
             zeroed: AtomicU64::new(0),
             observer,
+            free_notify: Default::default(),
         })
     }
 
@@ -341,7 +361,9 @@ impl GuestMemory {
         {
             self.give_back(frame, order);
         }
-        self.alloc.free(cpu, frame, order)
+        self.alloc.free(cpu, frame, order)?;
+        self.notify_freed();
+        Ok(())
     }
 
     /// Punch the host memory of a block the caller holds (allocated, in
@@ -480,6 +502,8 @@ impl GuestMemory {
                 },
             };
             self.prepare(frame, order);
+            // Population changes the block's state: under its page lock.
+            self.lock_frame(frame);
             let mut s = self.write_space();
             let outcome = if let Some(m) = s.lookup(gfn) {
                 Err(Ok(m))
@@ -511,6 +535,7 @@ impl GuestMemory {
                 Ok(m)
             };
             drop(s);
+            self.unlock_frame(frame);
             match outcome {
                 Ok(m) => return Ok(self.resolved(m)),
                 Err(done) => {
@@ -599,33 +624,43 @@ impl GuestMemory {
     pub fn release_range(&self, range: GpaRange) -> Result<ReleaseReport, ReleaseError> {
         self.check_range(range)?;
         let _ops = self.lock_ops();
-        let huge = 1u64 << (HUGE_ORDER + PAGE_SHIFT);
         let (first, last) = (range.start >> PAGE_SHIFT, (range.end >> PAGE_SHIFT) - 1);
-        let cover = {
-            let s = self.read_space();
-            let start = if s.is_huge(first) {
-                range.start & !(huge - 1)
-            } else {
-                range.start
+        // A huge mapping at either end of `range` must be invalidated whole.
+        // A concurrent `resolve` may install one after any look outside the
+        // space lock, so the range is re-checked under the write lock that
+        // makes the changes, inside the bracket; if it grew, the bracket is
+        // closed (nothing changed) and opened again over the wider range.
+        // The same for the page locks of the blocks that change.
+        let mut cover = release_cover(&self.read_space(), range);
+        let mut heads = mapped_heads(&self.read_space(), range);
+        let (guard, mut s, locked) = loop {
+            let locked = LockedFrames::lock(self, heads);
+            // Pages of `cover` outside `range` keep their frames (split).
+            let guard = self.notifiers.invalidate_range_start_split(
+                cover,
+                range,
+                InvalidateReason::Release,
+            );
+            let s = self.write_space();
+            let now = release_cover(&s, range);
+            heads = mapped_heads(&s, range);
+            if cover.start <= now.start && now.end <= cover.end && locked.covers(&heads) {
+                break (guard, s, locked);
+            }
+            drop(s);
+            drop(guard);
+            drop(locked);
+            cover = GpaRange {
+                start: cover.start.min(now.start),
+                end: cover.end.max(now.end),
             };
-            let end = if s.is_huge(last) {
-                (range.end + huge - 1) & !(huge - 1)
-            } else {
-                range.end
-            };
-            GpaRange { start, end }
         };
         let mut report = ReleaseReport {
             invalidated: Some(cover),
             ..Default::default()
         };
-        // Pages of `cover` outside `range` keep their frames (split).
-        let guard =
-            self.notifiers
-                .invalidate_range_start_split(cover, range, InvalidateReason::Release);
         let mut removed = Vec::new();
         {
-            let mut s = self.write_space();
             let mut gfn = first;
             while gfn <= last {
                 let slot_end = (gfn | ((1 << HUGE_ORDER) - 1)).min(last);
@@ -655,13 +690,21 @@ impl GuestMemory {
                 }
                 gfn = slot_end + 1;
             }
+            drop(s);
         }
+        // Unmapped: unlock before the frames can be handed out again.
+        locked.unlock();
         // Inside the bracket: until its end no secondary MMU can map the
         // range again, and nobody gets the frames before they are punched.
         self.punch_and_free(removed);
         drop(guard);
         self.released
             .fetch_add(report.freed_frames, Ordering::Relaxed);
+        if report.freed_frames > 0 {
+            // Never under a guestmem lock but `ops` (the callback only
+            // signals; it must not call back into guestmem's changes).
+            self.notify_freed();
+        }
         Ok(report)
     }
 
@@ -674,20 +717,51 @@ impl GuestMemory {
             start: 0,
             end: self.ram_end(),
         };
-        let guard = self
-            .notifiers
-            .invalidate_range_start(all, InvalidateReason::Unmap);
-        let removed = {
-            let mut s = self.write_space();
-            s.poisoned.clear();
-            let maps = s.clear();
-            for m in &maps {
-                self.unmap_desc(*m);
+        // Page locks of every mapped block first (re-checked under the
+        // write lock: `resolve` may have mapped more meanwhile).
+        let mut heads: Vec<FrameId> = self.read_space().mappings().map(|m| m.frame).collect();
+        let (guard, mut s, locked) = loop {
+            let locked = LockedFrames::lock(self, heads);
+            let guard = self
+                .notifiers
+                .invalidate_range_start(all, InvalidateReason::Unmap);
+            let s = self.write_space();
+            heads = s.mappings().map(|m| m.frame).collect();
+            if locked.covers(&heads) {
+                break (guard, s, locked);
             }
-            maps
+            drop(s);
+            drop(guard);
+            drop(locked);
         };
+        s.poisoned.clear();
+        let removed = s.clear();
+        for m in &removed {
+            self.unmap_desc(*m);
+        }
+        drop(s);
+        locked.unlock();
         self.punch_and_free(removed);
         drop(guard);
         self.alloc.drain_all();
+        self.notify_freed();
     }
+}
+
+/// The range a release of `range` must invalidate: `range`, widened to whole
+/// huge mappings at either end (by the map `s` as it is now).
+fn release_cover(s: &Space, range: GpaRange) -> GpaRange {
+    let huge = 1u64 << (HUGE_ORDER + PAGE_SHIFT);
+    let (first, last) = (range.start >> PAGE_SHIFT, (range.end >> PAGE_SHIFT) - 1);
+    let start = if s.is_huge(first) {
+        range.start & !(huge - 1)
+    } else {
+        range.start
+    };
+    let end = if s.is_huge(last) {
+        (range.end + huge - 1) & !(huge - 1)
+    } else {
+        range.end
+    };
+    GpaRange { start, end }
 }

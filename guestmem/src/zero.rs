@@ -67,6 +67,12 @@ impl GuestMemory {
         };
         rep.candidates = candidates.len() as u64;
         for m in candidates {
+            // Like Linux's reclaim (`folio_trylock`): a locked frame is
+            // busy, skip it rather than wait.
+            if !self.try_lock_frame(m.frame) {
+                rep.raced += 1;
+                continue;
+            }
             let guard = self
                 .notifiers
                 .invalidate_range_start(m.range(), InvalidateReason::Release);
@@ -83,6 +89,7 @@ impl GuestMemory {
                 }
                 same
             };
+            self.unlock_frame(m.frame);
             if removed {
                 self.punch_and_free(vec![m]);
             }

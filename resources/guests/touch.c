@@ -15,12 +15,18 @@
  *                COM1 before touching (lets a test prepare the host first)
  *   hold=1       after "touch: ok", print "touch: holding" and wait for one
  *                more line before exiting (lets a test inspect the host)
+ *   op=O         write | read | zero (default write): what the first-touch loop
+ *                does per page: write the page's byte, read one byte (which
+ *                must be 0: untouched RAM reads as zero), or write a 0 byte.
+ *                read and zero leave every page zero (overcommit tests: zero
+ *                pages can be reclaimed); they cannot be combined with verify=1
  *
  * Output (per pattern):
  *   touch: range pattern=P start=0x.. end=0x.. stride_pages=S write_offset=O first_touch_ms=T
  *   touch: pattern=P pages=N first_touch_us_per_page=X.XX
  *   touch: verify pattern=P zero_ok=1 signature_ok=1          (verify=1 only)
  * then `touch: ok`, exit 0. Mismatch: `touch: FAIL gpa=0x.. want=0x.. got=0x..`,
+ * exit 1. op=read finding a nonzero byte: `touch: FAIL gpa=0x.. want=0x0 got=0x..`,
  * exit 1. Bad options or too little RAM: `touch: FAIL ...`, exit 4.
  *
  * The timed loop is only the first-touch loop: one byte write per 4 KiB page. */
@@ -43,6 +49,32 @@ static inline u64 touch_off(enum pat p, u64 gpa)
     return p == P_UNALIGNED ? ((((gpa >> 12) * 0x2f + 0x11) & (PAGE - 1)) | 1) : 0;
 }
 
+enum op { OP_WRITE, OP_READ, OP_ZERO };
+static const char *const op_names[] = {"write", "read", "zero"};
+static enum op touch_op = OP_WRITE;
+/* op=read: first page that did not read as zero (0: none). */
+static u64 read_bad_gpa, read_bad_val;
+
+/* The access of the first-touch loop at `a` (inside page `g`). */
+static inline void touch_at(u64 a, u64 g)
+{
+    switch (touch_op) {
+    case OP_READ: {
+        u8 v = *(volatile u8 *)a;
+        if (v && !read_bad_gpa) {
+            read_bad_gpa = a;
+            read_bad_val = v;
+        }
+        break;
+    }
+    case OP_ZERO:
+        *(volatile u8 *)a = 0;
+        break;
+    default:
+        *(volatile u8 *)a = touch_val(g);
+    }
+}
+
 /* Bijection on k bits (k <= 63): multiply-xorshift, used to permute page indices. */
 static inline u64 mix(u64 x, u64 mask, unsigned s)
 {
@@ -62,7 +94,7 @@ static u64 first_touch(enum pat p, u64 base, u64 n)
         t0 = kit_rdtsc();
         for (u64 i = 0; i < n; i++) {
             u64 g = base + i * PAGE;
-            *(volatile u8 *)g = touch_val(g);
+            touch_at(g, g);
         }
         t1 = kit_rdtsc();
         break;
@@ -78,7 +110,7 @@ static u64 first_touch(enum pat p, u64 base, u64 n)
             if (j >= n)
                 continue; /* cycle-walk: the permutation of [0, 2^k) restricted to [0, n) */
             u64 g = base + j * PAGE;
-            *(volatile u8 *)g = touch_val(g);
+            touch_at(g, g);
         }
         t1 = kit_rdtsc();
         break;
@@ -89,13 +121,13 @@ static u64 first_touch(enum pat p, u64 base, u64 n)
         t0 = kit_rdtsc();
         for (u64 i = 0; i < n; i += per) {
             u64 g = base + i * PAGE;
-            *(volatile u8 *)g = touch_val(g);
+            touch_at(g, g);
         }
         for (u64 i = 0; i < n; i++) {
             if (i % per == 0)
                 continue;
             u64 g = base + i * PAGE;
-            *(volatile u8 *)g = touch_val(g);
+            touch_at(g, g);
         }
         t1 = kit_rdtsc();
         break;
@@ -107,7 +139,7 @@ static u64 first_touch(enum pat p, u64 base, u64 n)
         for (u64 r = 0; r < UNALIGNED_STRIDE; r++)
             for (u64 i = r; i < n; i += UNALIGNED_STRIDE) {
                 u64 g = base + i * PAGE;
-                *(volatile u8 *)(g + touch_off(P_UNALIGNED, g)) = touch_val(g);
+                touch_at(g + touch_off(P_UNALIGNED, g), g);
             }
         t1 = kit_rdtsc();
         break;
@@ -167,6 +199,8 @@ static int run(enum pat p, u64 start, u64 len, bool verify, bool zero, u64 seed,
                p == P_UNALIGNED ? "odd" : "0", ticks / khz);
     kit_printf("touch: pattern=%s pages=%lu first_touch_us_per_page=%lu.%02lu\n", pat_names[p], n, centi_us / 100,
                centi_us % 100);
+    if (read_bad_gpa)
+        return fail_at(read_bad_gpa, 0, read_bad_val);
     if (verify) {
         int r = zero ? check_zero(p, base, n) : 0;
         if (!r)
@@ -203,6 +237,18 @@ int guest_main(void)
         }
         pat = (enum pat)i;
     }
+    const char *os = kit_cmdline_value("op", &pl);
+    if (os) {
+        unsigned i;
+        for (i = 0; i <= OP_ZERO; i++)
+            if (pl == strlen(op_names[i]) && !strncmp(os, op_names[i], pl))
+                break;
+        if (i > OP_ZERO || (i != OP_WRITE && verify)) {
+            kit_printf("touch: FAIL op= must be write, read or zero, and only write goes with verify=1\n");
+            return KIT_EXIT_CMDLINE;
+        }
+        touch_op = (enum op)i;
+    }
 
     /* The e820 RAM range holding the heap; start at the next 2 MiB boundary. */
     u64 heap = kit_heap_end(), start = (heap + HUGE - 1) & ~(HUGE - 1), end = 0;
@@ -223,8 +269,8 @@ int guest_main(void)
         return KIT_EXIT_PANIC;
     }
     u64 khz = kit_tsc_khz();          /* calibrate outside the timed loops */
-    kit_printf("touch: mib=%lu start=0x%lx end=0x%lx pattern=%s verify=%lu tsc_khz=%lu\n", len >> 20, start,
-               start + len, pat_names[pat], verify, khz);
+    kit_printf("touch: mib=%lu start=0x%lx end=0x%lx pattern=%s op=%s verify=%lu tsc_khz=%lu\n", len >> 20, start,
+               start + len, pat_names[pat], op_names[touch_op], verify, khz);
 
     bool bad5;
     if (kit_cmdline_u64("wait", 0, &bad5) && !bad5) {

@@ -687,3 +687,60 @@ fn bench_inflate_deflate_throughput() {
         );
     }
 }
+
+/// `GET /memory/check` while the balloon keeps inflating and deflating
+/// (the guest refaults deflated pages through the pager meanwhile): every
+/// answer is ok. The check runs under the protocol of the changes it
+/// compares (guestmem's changes held off, the view held still), so a fault
+/// mapping a page between its reads of /proc/self/maps and pagemap cannot
+/// show up as a stray page.
+#[test]
+fn memory_check_is_exact_while_the_balloon_inflates_and_deflates() {
+    require_kvm!();
+    let mut g = Guest::start(
+        "balloon-check-live",
+        &format!("amount_mib=0,{STATS}"),
+        "touch",
+    );
+    g.wait_line("balloon: at target pages=0", 120);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let driver = {
+        let (sock, stop) = (g.sock.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut flips = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mib = if flips.is_multiple_of(2) { 96 } else { 0 };
+                let body = format!("{{\"amount_mib\":{mib}}}");
+                let (st, v) = api(&sock, "PATCH", "/balloon", Some(&body));
+                assert_eq!(st, 204, "{v}");
+                flips += 1;
+                std::thread::sleep(Duration::from_millis(150));
+            }
+            flips
+        })
+    };
+    let mut bad = Vec::new();
+    for i in 0..50 {
+        let (st, v) = g.api("GET", "/memory/check", None);
+        assert_eq!(st, 200, "{v}");
+        if v["ok"] != true {
+            bad.push(format!("check {i}: {v}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let flips = driver.join().unwrap();
+    let s = g.stats();
+    assert!(
+        bad.is_empty(),
+        "{} of 50 checks failed while the balloon moved:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+    assert!(
+        flips >= 4 && counter(&s, "deflated_pages") > 0,
+        "the balloon barely moved ({flips} target changes): {s}"
+    );
+    let (st, v) = g.api("GET", "/memory/check", None);
+    assert_eq!((st, &v["ok"]), (200, &Value::Bool(true)), "{v}");
+}

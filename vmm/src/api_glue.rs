@@ -54,6 +54,14 @@ impl VmController for VmApi {
         self.0.ram.info()
     }
 
+    fn resize_pool(&mut self, pool_mib: u64) -> Result<(), ApiError> {
+        self.0
+            .ram
+            .grow_pool(pool_mib)
+            .map(|_| ())
+            .map_err(|e| ApiError::BadRequest(e.to_string()))
+    }
+
     fn poison_memory(&mut self, req: PoisonRequest) -> Result<serde_json::Value, ApiError> {
         let report = self.0.ram.poison(req).map_err(|e| match e {
             PoisonError::Failure(_) | PoisonError::Populate { .. } | PoisonError::MapLimit(_) => {

@@ -4,6 +4,9 @@ use std::path::PathBuf;
 
 /// Smallest RAM size accepted (room for boot structures, a kernel and its heap).
 pub const MIN_MEM_MIB: u64 = 16;
+/// Smallest frame pool accepted (`--mem-pool`): the test guests' image,
+/// page tables and stack, with room to spare.
+pub const MIN_POOL_MIB: u64 = 4;
 /// Default RAM size (as Firecracker).
 pub const DEFAULT_MEM_MIB: u64 = 128;
 
@@ -26,6 +29,18 @@ pub enum OnReset {
     Restart,
 }
 
+/// What happens when the frame pool runs dry after reclaim (`--on-oom`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnOom {
+    /// The faulting vCPUs wait until frames come back (balloon inflate,
+    /// free page reporting, `PATCH /memory {"pool_mib": N}`).
+    #[default]
+    Pause,
+    /// `vmm` exits with status 73 ([`crate::exit::EXIT_OUT_OF_MEMORY`]).
+    Fail,
+}
+
 /// Everything `vmm run` needs.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -46,6 +61,10 @@ pub struct VmConfig {
     pub wait_for_start: bool,
     /// What backs guest RAM.
     pub mem_backing: crate::memory::RamBacking,
+    /// Frame pool size in MiB (`--mem-pool`; `None`: as large as RAM).
+    pub mem_pool_mib: Option<u64>,
+    /// What happens when the pool runs dry (`--on-oom`).
+    pub on_oom: OnOom,
     /// What a guest reset does.
     pub on_reset: OnReset,
     /// Virtio balloon (`--balloon`), if any.
@@ -93,6 +112,22 @@ pub enum ConfigError {
     /// Command line too long.
     #[error("--cmdline is {0} bytes; at most {max} bytes are accepted", max = crate::layout::CMDLINE_MAX_SIZE - 1)]
     CmdlineTooLong(usize),
+    /// Bad `--mem-pool`.
+    #[error(
+        "--mem-pool {pool} MiB: the frame pool must hold at least {MIN_POOL_MIB} MiB and at most \
+         the guest RAM (--mem {mem} MiB)"
+    )]
+    BadPool {
+        /// Requested pool.
+        pool: u64,
+        /// Guest RAM.
+        mem: u64,
+    },
+    /// `--mem-pool` with `--mem-backing anon`.
+    #[error(
+        "--mem-pool needs --mem-backing guestmem (anonymous memory is not overcommitted by vmm)"
+    )]
+    PoolWithAnon,
     /// Bad `--balloon`.
     #[error(transparent)]
     Balloon(#[from] crate::devices::virtio::balloon::BalloonConfigError),
@@ -118,6 +153,17 @@ impl VmConfig {
                     asked: self.mem_mib,
                     host,
                 });
+            }
+        }
+        if let Some(pool) = self.mem_pool_mib {
+            if pool < MIN_POOL_MIB || pool > self.mem_mib {
+                return Err(ConfigError::BadPool {
+                    pool,
+                    mem: self.mem_mib,
+                });
+            }
+            if self.mem_backing == crate::memory::RamBacking::Anon {
+                return Err(ConfigError::PoolWithAnon);
             }
         }
         if self.vcpus == 0 {

@@ -5,7 +5,9 @@
 //! 0 guest shutdown/reset or debug-exit 0; `v` for debug-exit byte `v` in
 //! 1..=63; 64 bad configuration; 65 bad input file; 69 KVM unavailable;
 //! 70 internal VMM error; 71 guest crash; 72 debug-exit byte above 63
-//! (those would collide with the VMM's own statuses; stderr names it).
+//! (those would collide with the VMM's own statuses; stderr names it);
+//! 73 the frame pool ran dry with `--on-oom fail` (stderr names the pool
+//! size and what to do).
 
 use std::sync::Mutex;
 
@@ -23,6 +25,8 @@ pub const EXIT_SOFTWARE: i32 = 70;
 pub const EXIT_GUEST_CRASH: i32 = 71;
 /// Exit status for a debug-exit byte above [`DEBUG_EXIT_MAX`].
 pub const EXIT_DEBUG_OUT_OF_RANGE: i32 = 72;
+/// Exit status when guest RAM ran out of frames with `--on-oom fail`.
+pub const EXIT_OUT_OF_MEMORY: i32 = 73;
 /// Largest debug-exit byte passed through as the exit status.
 pub const DEBUG_EXIT_MAX: u8 = 63;
 
@@ -39,6 +43,9 @@ pub enum ExitReason {
     Crash(String),
     /// The VMM failed while running the guest.
     Internal(String),
+    /// The frame pool ran dry (overcommit with `--on-oom fail`); the text
+    /// names the pool size and what to do.
+    OutOfMemory(String),
 }
 
 impl ExitReason {
@@ -50,6 +57,7 @@ impl ExitReason {
             ExitReason::Reset | ExitReason::Shutdown => 0,
             ExitReason::Crash(_) => EXIT_GUEST_CRASH,
             ExitReason::Internal(_) => EXIT_SOFTWARE,
+            ExitReason::OutOfMemory(_) => EXIT_OUT_OF_MEMORY,
         }
     }
 }
@@ -118,5 +126,6 @@ mod tests {
         assert_eq!(s.reason().unwrap().status(), 7);
         assert_eq!(s.event().read().unwrap(), 1);
         assert_eq!(ExitReason::Crash("x".into()).status(), EXIT_GUEST_CRASH);
+        assert_eq!(ExitReason::OutOfMemory("x".into()).status(), 73);
     }
 }

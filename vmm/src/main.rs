@@ -66,6 +66,15 @@ struct RunArgs {
     /// EPT, or plain anonymous memory faulted in by KVM (benchmark baseline).
     #[arg(long, value_enum, default_value_t = vmm::memory::RamBacking::Guestmem)]
     mem_backing: vmm::memory::RamBacking,
+    /// Overcommit: frames for guest RAM in MiB (default: as large as --mem).
+    /// When they run out, zero pages are reclaimed first, then --on-oom applies.
+    #[arg(long, value_name = "MIB")]
+    mem_pool: Option<u64>,
+    /// When the frame pool runs dry after reclaim: pause the faulting vCPUs
+    /// until frames come back (balloon, free page reporting, PATCH /memory
+    /// {"pool_mib": N}), or fail (exit status 73).
+    #[arg(long, value_enum, default_value_t = vmm::config::OnOom::Pause)]
+    on_oom: vmm::config::OnOom,
     /// Virtio balloon: amount_mib=N,deflate_on_oom=BOOL[,stats_polling_interval_s=N][,free_page_reporting=BOOL].
     #[arg(long, value_name = "ITEMS", value_parser = vmm::devices::virtio::balloon::BalloonConfig::parse_cli)]
     balloon: Option<vmm::devices::virtio::balloon::BalloonConfig>,
@@ -116,6 +125,8 @@ fn run(a: RunArgs) -> i32 {
         api_sock: a.api_sock,
         wait_for_start: a.wait_for_start,
         mem_backing: a.mem_backing,
+        mem_pool_mib: a.mem_pool,
+        on_oom: a.on_oom,
         on_reset: a.on_reset,
         balloon: a.balloon,
         emulation_assists: a.emulation_assists,
@@ -125,6 +136,7 @@ fn run(a: RunArgs) -> i32 {
             match &reason {
                 ExitReason::Crash(s) => eprintln!("vmm: guest crashed: {s}"),
                 ExitReason::Internal(s) => eprintln!("vmm: internal error: {s}"),
+                ExitReason::OutOfMemory(s) => eprintln!("vmm: out of guest memory: {s}"),
                 ExitReason::DebugExit(v) if *v > DEBUG_EXIT_MAX => eprintln!(
                     "vmm: the guest wrote {v} (0x{v:02x}) to the debug-exit port; values above \
                      {DEBUG_EXIT_MAX} would collide with vmm's own exit statuses, so vmm exits \

@@ -83,6 +83,12 @@ impl VmController for PreBoot {
         Err(not_started("no guest memory to poison yet"))
     }
 
+    fn resize_pool(&mut self, _pool_mib: u64) -> Result<(), ApiError> {
+        Err(not_started(
+            "no frame pool to grow yet (choose its size with vmm run --mem-pool)",
+        ))
+    }
+
     fn balloon_config(&self) -> Result<serde_json::Value, ApiError> {
         let p = self.pending();
         let cfg = p.balloon.as_ref().ok_or_else(no_balloon)?;

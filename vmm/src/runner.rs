@@ -208,6 +208,10 @@ pub fn run(cfg: &VmConfig) -> Result<ExitReason, RunError> {
         mem_bytes,
         cfg.vcpus,
         cfg.mem_backing,
+        crate::memory::Overcommit {
+            pool_mib: cfg.mem_pool_mib,
+            on_oom: cfg.on_oom,
+        },
         exit.clone(),
     )?);
     ram.register_memslots(&vm)?;

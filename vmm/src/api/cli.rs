@@ -78,6 +78,13 @@ pub enum MemoryCommand {
     Show,
     /// Compare guestmem, the shadow EPT and the host mappings (GET /memory/check).
     Check,
+    /// Grow the frame pool (PATCH /memory {"pool_mib": N}); resumes faults
+    /// paused by `--on-oom pause`.
+    Pool {
+        /// New pool size in MiB (not below today's, at most guest RAM).
+        #[arg(long)]
+        mib: u64,
+    },
     /// Inject a memory failure (POST /memory/poison).
     Poison {
         /// Guest-physical address of the page, decimal or 0x-hex (4 KiB aligned).
@@ -111,6 +118,10 @@ impl MemoryCommand {
             },
             MemoryCommand::Check => CtlCommand::Get {
                 path: "/memory/check".into(),
+            },
+            MemoryCommand::Pool { mib } => CtlCommand::Patch {
+                path: "/memory".into(),
+                body: serde_json::json!({ "pool_mib": mib }).to_string(),
             },
             MemoryCommand::Poison { gpa, kind, action } => CtlCommand::Post {
                 path: "/memory/poison".into(),
@@ -339,6 +350,26 @@ mod tests {
         assert_eq!(
             v,
             serde_json::json!({"gpa": 0x3000, "kind": "hard", "action": "optional"})
+        );
+        let a = parse(&[
+            "vmm",
+            "ctl",
+            "--api-sock",
+            "/s",
+            "memory",
+            "pool",
+            "--mib",
+            "96",
+        ]);
+        let CtlCommand::Memory { cmd: Some(m) } = a.cmd else {
+            panic!("{:?}", a.cmd)
+        };
+        assert_eq!(
+            m.lower(),
+            CtlCommand::Patch {
+                path: "/memory".into(),
+                body: r#"{"pool_mib":96}"#.into()
+            }
         );
         for bad in [
             &["memory", "poison"][..],

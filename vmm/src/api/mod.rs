@@ -114,6 +114,13 @@ pub trait VmController {
     fn set_vm_state(&mut self, req: VmStateRequest) -> Result<(), ApiError>;
     /// Memory information (`GET /memory`), returned verbatim as the response body.
     fn memory_info(&self) -> serde_json::Value;
+    /// Grow the frame pool to `pool_mib` (`PATCH /memory`).
+    fn resize_pool(&mut self, pool_mib: u64) -> Result<(), ApiError> {
+        let _ = pool_mib;
+        Err(ApiError::BadRequest(
+            "this VM has no resizable frame pool".into(),
+        ))
+    }
     /// Hard or soft poison of a guest page (`POST /memory/poison`).
     fn poison_memory(
         &mut self,
@@ -183,6 +190,9 @@ impl<T: VmController + ?Sized> VmController for Box<T> {
     }
     fn memory_info(&self) -> serde_json::Value {
         (**self).memory_info()
+    }
+    fn resize_pool(&mut self, pool_mib: u64) -> Result<(), ApiError> {
+        (**self).resize_pool(pool_mib)
     }
     fn poison_memory(
         &mut self,

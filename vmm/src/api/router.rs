@@ -38,6 +38,11 @@ pub const ROUTES: &[Route] = &[
         handler: get_memory,
     },
     Route {
+        method: Method::Patch,
+        path: "/memory",
+        handler: patch_memory,
+    },
+    Route {
         method: Method::Post,
         path: "/memory/poison",
         handler: post_memory_poison,
@@ -100,6 +105,19 @@ fn patch_vm(vm: &mut dyn VmController, req: &Request) -> Result<Response, ApiErr
 fn get_memory(vm: &mut dyn VmController, req: &Request) -> Result<Response, ApiError> {
     no_body(req)?;
     Ok(Response::json(&vm.memory_info()))
+}
+
+/// Body of `PATCH /memory`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemoryPatch {
+    pool_mib: u64,
+}
+
+fn patch_memory(vm: &mut dyn VmController, req: &Request) -> Result<Response, ApiError> {
+    let patch: MemoryPatch = json_body(req)?;
+    vm.resize_pool(patch.pool_mib)?;
+    Ok(Response::no_content())
 }
 
 fn post_memory_poison(vm: &mut dyn VmController, req: &Request) -> Result<Response, ApiError> {
@@ -355,7 +373,29 @@ mod tests {
         assert!(fault_of(&resp).contains("DELETE"));
         let resp = dispatch(&mut vm, &req(Method::Other("BREW".into()), "/memory", None));
         assert_eq!(resp.status, 405);
+        assert_eq!(resp.allow.as_deref(), Some("GET, PATCH"));
+        let resp = dispatch(&mut vm, &req(Method::Put, "/memory/check", None));
+        assert_eq!(resp.status, 405);
         assert_eq!(resp.allow.as_deref(), Some("GET"));
+    }
+
+    #[test]
+    fn patch_memory_needs_pool_mib_and_a_resizable_pool() {
+        let mut vm = TestVm::new();
+        for bad in [r#"{}"#, r#"{"pool_mib": -1}"#, r#"{"pool_mib": 8, "x": 1}"#] {
+            let resp = dispatch(&mut vm, &req(Method::Patch, "/memory", Some(bad)));
+            assert_eq!(resp.status, 400, "{bad}");
+        }
+        let resp = dispatch(
+            &mut vm,
+            &req(Method::Patch, "/memory", Some(r#"{"pool_mib": 8}"#)),
+        );
+        assert_eq!(resp.status, 400);
+        assert!(
+            fault_of(&resp).contains("frame pool"),
+            "{}",
+            fault_of(&resp)
+        );
     }
 
     #[test]

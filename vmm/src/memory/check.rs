@@ -20,11 +20,21 @@
 //! holds host memory, so the pool holds at most the frames in use. Each
 //! frame that breaks them is listed.
 //!
-//! The pieces are read one after the other while the guest runs. Mappings
-//! change only through faults (which only add populated frames) and
-//! invalidations, which run on the event-loop thread that also serves
-//! this check, except zero-page reclaim on the pager thread when memory
-//! runs out; so apart from that case the pieces agree.
+//! The pieces are read one after the other while the guest runs, under the
+//! same protocol as the changes they check, so a check never reports a
+//! problem that is only a change caught half way:
+//! - guestmem's changes are held off (`GuestMemory::hold_changes`, its ops
+//!   lock): no release, reset, memory failure, soft offline or zero-page
+//!   reclaim (the pager's OOM path) runs, so the primary map, the shadow
+//!   EPT and the view only gain mappings meanwhile;
+//! - the view is held still (`KvmMapping::hold`, the lock its faults
+//!   install under and its invalidations zap under): /proc/self/maps and
+//!   pagemap are one picture, and a fault's `MAP_POPULATE` is complete (a
+//!   fault resolved meanwhile waits to install: its shadow entry may be
+//!   there without the view's, which is not a problem).
+//!
+//! Lock order: ops, then the view's lock, then guestmem's space lock (in
+//! its checker); nobody takes ops or the space lock holding the view's.
 
 use std::os::fd::AsRawFd;
 
@@ -130,6 +140,10 @@ impl GuestRam {
             };
         };
         let mut rep = CheckReport::default();
+        // See the module docs: no change of the primary map but population
+        // and no change of the view until the report is complete.
+        let held = m.gm.hold_changes();
+        let _view = m.pager.kvm.hold();
         // SAFETY: fstat on the pool's descriptor into a zeroed stat.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: valid descriptor and buffer.
@@ -167,7 +181,7 @@ impl GuestRam {
         // After the view's mappings were read: a frame mapped then holds
         // host memory now (nothing was invalidated meanwhile, see the
         // module docs).
-        let host = match m.gm.check_host_memory() {
+        let host = match held.check_host_memory() {
             Ok(h) => {
                 Self::host_memory_problems(&h, &mut rep);
                 h

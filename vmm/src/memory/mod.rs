@@ -29,7 +29,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::exit::ExitSignal;
 use crate::layout::{ram_ranges, HIMEM_START, MMIO_HOLE_START};
 use crate::vstate::vm::Vm;
-use pager::{Pager, PagerStats};
+use pager::{OomControl, Pager, PagerStats};
 use view::{GuestView, KvmMapping};
 
 /// What backs guest RAM.
@@ -69,6 +69,39 @@ pub enum MemoryError {
     /// The pager thread could not start.
     #[error("cannot start the pager thread: {0}")]
     Thread(std::io::Error),
+}
+
+/// Overcommit settings (`--mem-pool`, `--on-oom`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Overcommit {
+    /// Frame pool in MiB (`None`: as large as guest RAM).
+    pub pool_mib: Option<u64>,
+    /// What happens when the pool runs dry after reclaim.
+    pub on_oom: crate::config::OnOom,
+}
+
+/// Why `PATCH /memory` refused a pool size.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// guestmem refused it (shrink, larger than RAM).
+    #[error(transparent)]
+    Resize(#[from] guestmem::PoolResizeError),
+    /// Anonymous RAM has no frame pool.
+    #[error(
+        "this VM's RAM is anonymous memory (--mem-backing anon): it has no frame pool to resize"
+    )]
+    Anon,
+    /// More than guest RAM.
+    #[error(
+        "cannot grow the frame pool to {asked} MiB: guest RAM is {ram} MiB, a larger pool would \
+         never be used"
+    )]
+    TooLarge {
+        /// Asked for.
+        asked: u64,
+        /// Guest RAM in MiB.
+        ram: u64,
+    },
 }
 
 struct Managed {
@@ -133,6 +166,7 @@ impl GuestRam {
         bytes: u64,
         vcpus: u32,
         backing: RamBacking,
+        overcommit: Overcommit,
         exit: Arc<ExitSignal>,
     ) -> Result<Self, MemoryError> {
         if backing == RamBacking::Anon {
@@ -150,7 +184,10 @@ impl GuestRam {
                 managed: None,
             });
         }
-        let cfg = GuestMemoryConfig::x86(bytes, vcpus as usize);
+        let mut cfg = GuestMemoryConfig::x86(bytes, vcpus as usize);
+        cfg.pool_frames = overcommit
+            .pool_mib
+            .map(|mib| (mib << 20) >> guestmem::PAGE_SHIFT);
         let ram: Vec<GpaRange> = cfg.ram.clone();
         let gm = Arc::new(GuestMemory::new(cfg)?);
         let span = ram.iter().map(|r| r.end).max().unwrap_or(0);
@@ -180,6 +217,12 @@ impl GuestRam {
                     .freed_frames
             })
         }));
+        // Overcommit: frames coming back wake the pager's parked faults.
+        let oom = Arc::new(OomControl::new(overcommit.on_oom).map_err(MemoryError::Thread)?);
+        let o = oom.clone();
+        gm.set_free_notify(Some(Arc::new(move || {
+            let _ = o.freed.write(1);
+        })));
         let pager = Arc::new(Pager {
             gm: gm.clone(),
             ept: ept.clone(),
@@ -189,6 +232,7 @@ impl GuestRam {
             vcpu_tids: Mutex::new(HashMap::new()),
             stats: Mutex::new(PagerStats::default()),
             stop: EventFd::new(libc::EFD_NONBLOCK).map_err(MemoryError::Thread)?,
+            oom,
         });
         let p = pager.clone();
         let thread = std::thread::Builder::new()
@@ -337,9 +381,19 @@ impl GuestRam {
         let s = m.gm.stats();
         let e = m.ept.stats();
         let p = *m.pager.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let mib = |frames: u64| (frames * guestmem::PAGE_SIZE) >> 20;
         serde_json::json!({
             "backing": "guestmem",
             "size_mib": self.bytes >> 20,
+            // A full pool is reported as the RAM size (RAM MiB include
+            // the legacy hole, which has no frames).
+            "pool_mib": if m.gm.pool_frames() >= m.gm.max_pool_frames() {
+                self.bytes >> 20
+            } else {
+                mib(m.gm.pool_frames())
+            },
+            "max_pool_mib": self.bytes >> 20,
+            "oom": m.pager.oom.report(),
             "frames": {
                 "total": s.total, "free": s.free, "pcp_cached": s.pcp_cached,
                 "allocated": s.allocated, "mapped": s.mapped, "poisoned": s.poisoned,
@@ -356,6 +410,29 @@ impl GuestRam {
             "device_tlb": m.tlb.stats(),
             "poison": m.poison.snapshot(),
         })
+    }
+
+    /// Grow the frame pool to `pool_mib` (`PATCH /memory`); parked faults
+    /// retry at once. Returns the MiB added.
+    pub fn grow_pool(&self, pool_mib: u64) -> Result<u64, PoolError> {
+        let m = self.managed.as_ref().ok_or(PoolError::Anon)?;
+        // Guest RAM in MiB counts the legacy hole [640 KiB, 1 MiB), which
+        // has no frames: a pool of the RAM size is all frames.
+        if pool_mib > self.bytes >> 20 {
+            return Err(PoolError::TooLarge {
+                asked: pool_mib,
+                ram: self.bytes >> 20,
+            });
+        }
+        let mut frames = (pool_mib << 20) >> guestmem::PAGE_SHIFT;
+        if pool_mib == self.bytes >> 20 {
+            frames = frames.min(m.gm.max_pool_frames());
+        }
+        let added = m.gm.grow_pool(frames)?;
+        if added > 0 {
+            log::info!("frame pool grown to {pool_mib} MiB");
+        }
+        Ok((added * guestmem::PAGE_SIZE) >> 20)
     }
 
     /// Guest reset: every page unpopulated again. With guestmem, all

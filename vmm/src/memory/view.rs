@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use guestmem::notifier::{GpaRange, Invalidation, MmuNotifier};
-use mmu::fault::{FaultSeq, MmuLock};
+use mmu::fault::{FaultSeq, MmuGuard, MmuLock};
 
 use super::uffd::{UffdError, Userfaultfd};
 
@@ -270,6 +270,13 @@ impl KvmMapping {
             view,
             lock: MmuLock::new(()),
         }
+    }
+
+    /// Hold the view still until the guard drops: no fault installs into
+    /// it and no invalidation zaps it meanwhile (both take this lock), so
+    /// /proc/self/maps and pagemap read under it agree with each other.
+    pub fn hold(&self) -> MmuGuard<'_, ()> {
+        self.lock.lock()
     }
 
     /// Snapshot to take before resolving a frame for a fault.
