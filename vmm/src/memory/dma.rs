@@ -290,20 +290,32 @@ mod tests {
             }
             n
         });
-        // Interleave: each soft offline waits until the writer stamped again.
-        for _ in 0..300 {
-            let seen = progress.load(Ordering::Relaxed);
-            while progress.load(Ordering::Relaxed) == seen {
+        // Every wait for the writer is bounded: a writer that died (its
+        // assertion failed) or stopped making progress fails the test with
+        // its message instead of hanging it.
+        let wait_past = |min: u64, writer: &std::thread::JoinHandle<u64>| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while progress.load(Ordering::Relaxed) <= min {
+                assert!(
+                    !writer.is_finished(),
+                    "the writer stopped (see its panic above) at stamp {}",
+                    progress.load(Ordering::Relaxed)
+                );
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the writer made no progress for 10 s past stamp {min}"
+                );
                 std::thread::yield_now();
             }
+        };
+        // Interleave: each soft offline waits until the writer stamped again.
+        for _ in 0..300 {
+            wait_past(progress.load(Ordering::Relaxed), &writer);
             if let Some(f) = gm.frame_of_gpa(gpa) {
                 let _ = gm.soft_offline(f);
             }
         }
-        let last = progress.load(Ordering::Relaxed);
-        while progress.load(Ordering::Relaxed) < last + 100 {
-            std::thread::yield_now();
-        }
+        wait_past(progress.load(Ordering::Relaxed) + 99, &writer);
         stop.store(true, Ordering::Relaxed);
         let n = writer.join().unwrap();
         let mut b = [0u8; 8];
