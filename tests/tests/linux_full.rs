@@ -16,6 +16,11 @@
 //!   memory comes back after a guest process frees a large allocation, and
 //!   a process that allocates past what the balloon left gets its memory
 //!   from the balloon instead of the OOM killer;
+//! - 1 vCPU, a frame pool smaller than RAM (`--mem-pool`) and a balloon
+//!   with deflate-on-OOM: the guest's OOM takes pages back from the
+//!   balloon, touching them runs the host pool dry, the VMM pauses the
+//!   vCPU (`GET /memory` → `oom.state` paused) instead of dying, and
+//!   growing the pool (`PATCH /memory`) lets the guest finish;
 //! - 2 vCPUs, `--on-reset restart`: action-optional machine checks on a
 //!   free page and on a process page, action required on a process page
 //!   (SIGBUS BUS_MCEERR_AR at the right address, the kernel's "Recovered"
@@ -28,8 +33,8 @@
 use std::time::{Duration, Instant};
 
 use vmm_tests::guest_shell::{
-    dmesg_grep, meminfo_kib, number_after, poweroff, shell, touch_guest_ram, touch_mib, vmstat,
-    wait_ready, LinuxGuest, T,
+    dmesg_grep, guest_line, meminfo_kib, number_after, poweroff, shell, touch_guest_ram, touch_mib,
+    vmstat, wait_ready, LinuxGuest, T,
 };
 use vmm_tests::{field, json_u64 as u, require_kvm, rss_bytes, Vmm};
 
@@ -590,4 +595,77 @@ fn memory_failure_soft_offline_and_reset() {
     assert_eq!(check["ok"], true, "{check:#}");
     // No `poweroff` here: without ACPI it is an i8042 reset, which
     // --on-reset restart turns into another boot. Dropping `vm` kills it.
+}
+
+#[test]
+fn overcommit_pauses_on_deflate_on_oom_until_the_pool_grows() {
+    require_kvm!();
+    let Some(g) = guest(module_path!()) else {
+        return;
+    };
+    // The guest may use 256 - 96 = 160 MiB; the host pool backs 176 MiB.
+    // Allocating 48 MiB past what the guest has free makes Linux's OOM
+    // notifier deflate the balloon, and touching the deflated pages needs
+    // more host frames than the pool has.
+    const BALLOON_MIB: u64 = 96;
+    let mut vm = g.boot(
+        "linux-full-overcommit",
+        1,
+        MEM_MIB,
+        &[
+            "--mem-pool",
+            "176",
+            "--balloon",
+            "amount_mib=96,deflate_on_oom=true,stats_polling_interval_s=1",
+        ],
+    );
+    wait_balloon(&vm, BALLOON_MIB << 8);
+    let m = api_ok(&vm, "GET", "/memory", None);
+    assert_eq!(m["pool_mib"], 176, "{m:#}");
+    assert_eq!(m["oom"]["state"], "running", "{m:#}");
+    let free = meminfo_kib(&mut vm, "MemFree") >> 10;
+    // Not through `shell`: the command cannot finish until the pool grows.
+    vm.send(&format!(
+        "poison-victim -n -p {} >/dev/null 2>&1; echo \"OOMTOUCH:$?:\"\n",
+        (free + 48) << 8
+    ));
+    let deadline = Instant::now() + T + Duration::from_secs(3 * (free + 48));
+    let paused = loop {
+        let m = api_ok(&vm, "GET", "/memory", None);
+        if m["oom"]["state"] == "paused" {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool never ran dry (deflate-on-OOM did not happen?): {m:#}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(u(&paused, &["oom", "waiting_faults"]) >= 1, "{paused:#}");
+    let s = balloon_stats(&vm);
+    assert!(
+        u(&s, &["actual_pages"]) < BALLOON_MIB << 8,
+        "paused although the balloon gave nothing back: {s:#}"
+    );
+    // Still paused a while later: nothing else frees frames.
+    std::thread::sleep(Duration::from_secs(2));
+    let m = api_ok(&vm, "GET", "/memory", None);
+    assert_eq!(m["oom"]["state"], "paused", "{m:#}");
+    api_ok(&vm, "PATCH", "/memory", Some(r#"{"pool_mib": 256}"#));
+    let code = loop {
+        let l = guest_line(&mut vm, deadline)
+            .unwrap_or_else(|| panic!("the allocation did not finish after the pool grew"));
+        if let Some(rest) = l.strip_prefix("OOMTOUCH:") {
+            break rest.trim_end_matches(':').parse::<i64>().unwrap_or(-1);
+        }
+    };
+    assert_eq!(code, 0, "the allocating process");
+    let m = api_ok(&vm, "GET", "/memory", None);
+    assert_eq!(m["oom"]["state"], "running", "{m:#}");
+    assert!(u(&m, &["oom", "resumed_faults"]) >= 1, "{m:#}");
+    let oom = dmesg_grep(&mut vm, &["out of memory", "oom-kill", "killed process"]);
+    assert!(oom.is_empty(), "the guest's OOM killer ran: {oom:?}");
+    let check = api_ok(&vm, "GET", "/memory/check", None);
+    assert_eq!(check["ok"], true, "{check:#}");
+    poweroff(vm);
 }
