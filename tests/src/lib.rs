@@ -165,6 +165,26 @@ pub fn wait_for_path(path: &Path, timeout: Duration) {
     }
 }
 
+/// The first complete HTTP response at the front of `buf`: (status, body
+/// bytes, bytes it takes), or None while it is incomplete.
+pub fn http_response(buf: &[u8]) -> Option<(u16, &[u8], usize)> {
+    let h = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&buf[..h]);
+    let len = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse::<usize>().unwrap())
+        })
+        .unwrap_or(0);
+    if buf.len() < h + 4 + len {
+        return None;
+    }
+    let status = head.get(9..12)?.parse().ok()?;
+    Some((status, &buf[h + 4..h + 4 + len], h + 4 + len))
+}
+
 /// One raw HTTP/1.1 exchange over a Unix socket; returns (status, body).
 pub fn http(sock: &Path, req: &str) -> (u16, String) {
     use std::os::unix::net::UnixStream;
@@ -182,19 +202,8 @@ pub fn http(sock: &Path, req: &str) -> (u16, String) {
             break;
         }
         buf.extend_from_slice(&tmp[..n]);
-        let text = String::from_utf8_lossy(&buf);
-        if let Some(h) = text.find("\r\n\r\n") {
-            let len = text[..h]
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse::<usize>().unwrap())
-                })
-                .unwrap_or(0);
-            if buf.len() >= h + 4 + len {
-                break;
-            }
+        if http_response(&buf).is_some() {
+            break;
         }
     }
     let text = String::from_utf8_lossy(&buf).into_owned();
@@ -314,6 +323,19 @@ impl Vmm {
     /// An API request.
     pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
         api(&self.sock, method, path, body)
+    }
+
+    /// Tell a waiting test guest to finish (`done` on its console), wait
+    /// for `vmm` to exit with 0 and check the output has every one of
+    /// `want`; returns the serial output.
+    pub fn finish_done(mut self, timeout: Duration, want: &[&str]) -> String {
+        self.send("done\n");
+        let (code, out, err) = self.finish(timeout);
+        assert_eq!(code, 0, "{out}\n{err}");
+        for w in want {
+            assert!(out.contains(w), "no {w:?} in:\n{out}");
+        }
+        out
     }
 
     /// Wait for the VMM to exit; returns its status, all serial lines and stderr.

@@ -42,31 +42,19 @@ fn pipelined(sock: &Path, bodies: &[String]) -> Vec<(u16, serde_json::Value)> {
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while out.len() < bodies.len() {
-        // Parse every complete response at the front of `buf`.
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        if let Some(h) = text.find("\r\n\r\n") {
-            let len = text[..h]
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse::<usize>().unwrap())
-                })
-                .unwrap_or(0);
-            if buf.len() >= h + 4 + len {
-                let status = text[9..12].parse().unwrap();
-                let body = serde_json::from_slice(&buf[h + 4..h + 4 + len])
-                    .unwrap_or(serde_json::Value::Null);
-                out.push((status, body));
-                buf.drain(..h + 4 + len);
-                continue;
-            }
+        // Take every complete response at the front of `buf`.
+        if let Some((status, body, used)) = vmm_tests::http_response(&buf) {
+            let body = serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
+            out.push((status, body));
+            buf.drain(..used);
+            continue;
         }
         assert!(
             Instant::now() < deadline,
-            "{} of {} responses: {text:?}",
+            "{} of {} responses: {:?}",
             out.len(),
-            bodies.len()
+            bodies.len(),
+            String::from_utf8_lossy(&buf)
         );
         let mut tmp = [0u8; 4096];
         let n = s.read(&mut tmp).expect("read API responses");

@@ -61,13 +61,7 @@ fn reading_three_times_the_pool_runs_through_zero_reclaim() {
         resident <= 16 << 20,
         "pool holds {resident} B > 16 MiB: {mem:#}"
     );
-    vm.send("done\n");
-    let (code, out, err) = vm.finish(T);
-    assert_eq!(code, 0, "{out}\n{err}");
-    assert!(
-        out.contains("op=read") && out.contains("touch: ok"),
-        "{out}"
-    );
+    vm.finish_done(T, &["op=read", "touch: ok"]);
 }
 
 /// Same with op=zero: writing zeros leaves reclaimable pages too.
@@ -154,10 +148,7 @@ fn writing_past_the_pool_pauses_until_the_pool_grows() {
     let (st, check) = vm.api("GET", "/memory/check", None);
     assert_eq!(st, 200, "{check}");
     assert_eq!(check["ok"], true, "{check:#}");
-    vm.send("done\n");
-    let (code, out, err) = vm.finish(T);
-    assert_eq!(code, 0, "{out}\n{err}");
-    assert!(out.contains("signature_ok=1"), "{out}");
+    vm.finish_done(T, &["signature_ok=1"]);
 }
 
 /// `--on-oom fail`: the VMM ends with status 73 and a message naming the

@@ -100,8 +100,5 @@ fn retired_frames_give_their_host_memory_back() {
         "resident: {before} before, {after_soft} after {SOFT_OFFLINES} soft offlines, \
          {after_hard} after {HARD_POISONS} hard poisons"
     );
-    vm.send("done\n");
-    let (code, out, err) = vm.finish(T);
-    assert_eq!(code, 0, "{out}\n{err}");
-    assert!(out.contains("signature_ok=1"), "{out}");
+    vm.finish_done(T, &["signature_ok=1"]);
 }
