@@ -485,8 +485,14 @@ fn stress_soft_offline_and_checker_while_the_guest_writes() {
         seed ^= seed << 17;
         seed
     };
+    // VMM_STRESS_OPS operations (default 800). Each soft offline retires
+    // a frame for good, so the count is bounded by the guest's RAM.
+    let ops: u32 = std::env::var("VMM_STRESS_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(800);
     let (mut migrated, mut checks) = (0u32, 0u32);
-    for _ in 0..800 {
+    for _ in 0..ops {
         if rng() % 4 == 0 {
             let (st, check) = vm.api("GET", "/memory/check", None);
             assert_eq!(
@@ -507,9 +513,10 @@ fn stress_soft_offline_and_checker_while_the_guest_writes() {
         }
     }
     assert!(
-        migrated > 400 && checks > 100,
-        "migrated {migrated}, checks {checks}"
+        migrated > ops / 2 && checks > ops / 8,
+        "migrated {migrated}, checks {checks} of {ops} operations"
     );
+    eprintln!("{ops} operations: {migrated} pages migrated, {checks} checks");
     let (_, check) = vm.api("GET", "/memory/check", None);
     assert_eq!(check["ok"], true, "{check:#}");
     vm.send("stop\n");
