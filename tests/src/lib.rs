@@ -365,10 +365,16 @@ impl Vmm {
 }
 
 impl Drop for Vmm {
+    /// Kill `vmm` and reap it, waiting at most 10 s: a process stuck in an
+    /// unkillable sleep (a kernel bug or a VMM bug like a fault left waiting
+    /// at teardown) must not hang the test that already failed.
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
-            let _ = c.wait();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 }

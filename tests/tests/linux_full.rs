@@ -669,3 +669,28 @@ fn overcommit_pauses_on_deflate_on_oom_until_the_pool_grows() {
     assert_eq!(check["ok"], true, "{check:#}");
     poweroff(vm);
 }
+
+/// `--on-oom fail` with a Linux guest: the pool runs dry while a process
+/// allocates, `vmm` ends with status 73 and its message, and it really ends:
+/// before teardown released the fault still waiting (a KVM async-page-fault
+/// work item), the process hung in an unkillable sleep destroying the VM.
+#[test]
+fn overcommit_fail_ends_vmm_with_73() {
+    require_kvm!();
+    let Some(g) = guest(module_path!()) else {
+        return;
+    };
+    let mut vm = g.boot(
+        "linux-full-oom-fail",
+        1,
+        MEM_MIB,
+        &["--mem-pool", "64", "--on-oom", "fail"],
+    );
+    vm.send("poison-victim -n -p 32768 >/dev/null 2>&1\n");
+    let (code, _, err) = vm.finish(T);
+    assert_eq!(code, 73, "{err}");
+    assert!(
+        err.contains("frame pool of 64 MiB") && err.contains("--mem-pool"),
+        "{err}"
+    );
+}

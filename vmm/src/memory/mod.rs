@@ -461,6 +461,11 @@ impl GuestRam {
             let _ = m.pager.stop.write(1);
             if let Some(t) = m.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 let _ = t.join();
+                // Nobody resolves faults any more: release their waiters
+                // before the VM is destroyed (see GuestView::release_faults).
+                if let Err(e) = m.view.release_faults() {
+                    log::warn!("releasing waiting guest faults at teardown: {e}");
+                }
             }
         }
     }

@@ -13,6 +13,7 @@ const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1;
 // ioctl numbers: _IOWR/_IOR(0xAA, nr, struct)
 const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
 const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_aa01;
 const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
 const UFFDIO_POISON: libc::c_ulong = 0xc020_aa08;
 
@@ -133,6 +134,17 @@ impl Userfaultfd {
         // a mapping the caller owns.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } != 0 {
             return Err(os("register"));
+        }
+        Ok(())
+    }
+
+    /// Stop reporting faults in `[start, start + len)`. The kernel wakes
+    /// every fault still waiting there; it retries as an ordinary fault.
+    pub fn unregister(&self, start: u64, len: u64) -> Result<(), UffdError> {
+        let r = UffdioRange { start, len };
+        // SAFETY: UFFDIO_UNREGISTER with a properly sized struct.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER, &r) } != 0 {
+            return Err(os("unregister"));
         }
         Ok(())
     }

@@ -117,6 +117,19 @@ impl GuestView {
         Ok(view)
     }
 
+    /// Teardown, once the pager has stopped: stop reporting faults in guest
+    /// RAM, which wakes every fault still waiting (e.g. parked at OOM). A
+    /// waiter can be a KVM work item (host-side async page fault) that VM
+    /// destruction flushes: left waiting, it keeps the process in an
+    /// unkillable sleep (seen: `kvm_clear_async_pf_completion_queue` in
+    /// `__flush_work` after the pager had stopped with a fault parked).
+    pub fn release_faults(&self) -> Result<(), ViewError> {
+        for r in &self.ram {
+            self.uffd.unregister(self.base + r.start, r.len())?;
+        }
+        Ok(())
+    }
+
     /// Host address of GPA 0.
     pub fn base(&self) -> u64 {
         self.base
