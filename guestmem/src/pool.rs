@@ -253,9 +253,8 @@ impl FramePool {
     pub fn data_runs(&self) -> std::io::Result<Vec<(FrameId, u32)>> {
         let size = (self.frames as i64) << PAGE_SHIFT;
         let seek = |off: i64, whence: libc::c_int| -> std::io::Result<Option<i64>> {
-            // SAFETY: lseek on our own descriptor; only the file position
-            // changes, which nothing else of the pool uses (mappings and
-            // fallocate take explicit offsets).
+            // SAFETY: lseek on our own descriptor moves only the file
+            // position, which nothing else uses (all I/O takes offsets).
             let r = unsafe { libc::lseek(self.fd.as_raw_fd(), off as libc::off_t, whence) };
             if r >= 0 {
                 return Ok(Some(r as i64));
