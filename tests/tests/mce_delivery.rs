@@ -210,14 +210,12 @@ fn action_optional_during_an_action_required_handler_waits() {
     );
 }
 
-#[test]
-fn pipelined_action_required_and_optional_both_arrive() {
-    require_kvm!();
-    let (vm, buf) = start(
-        "mce-pipelined-ar-ao",
-        "1",
-        "pages=4 probe=1 count=2 dwell_ms=400 wait_ms=30000",
-    );
+/// Boot the 1-vCPU mce guest with `guest_args`, pipeline an
+/// action-required poison of its page 1 and an action-optional one of page
+/// 2, check both were answered `mapped`, and wait for `vmm` to end:
+/// (status, serial output, stderr, AR gpa, AO gpa).
+fn ar_and_ao_pipelined(name: &str, guest_args: &str) -> (i32, String, String, u64, u64) {
+    let (vm, buf) = start(name, "1", guest_args);
     let (ar, ao) = (buf + PAGE, buf + 2 * PAGE);
     let resps = pipelined(
         &vm.sock,
@@ -225,6 +223,16 @@ fn pipelined_action_required_and_optional_both_arrive() {
     );
     assert_mapped(&resps);
     let (code, out, err) = vm.finish(T);
+    (code, out, err, ar, ao)
+}
+
+#[test]
+fn pipelined_action_required_and_optional_both_arrive() {
+    require_kvm!();
+    let (code, out, err, ar, ao) = ar_and_ao_pipelined(
+        "mce-pipelined-ar-ao",
+        "pages=4 probe=1 count=2 dwell_ms=400 wait_ms=30000",
+    );
     assert_eq!(code, 0, "the guest must survive both:\n{out}\n{err}");
     assert!(out.contains("mce: received count=2"), "{out}");
     assert!(
@@ -243,18 +251,10 @@ fn action_required_while_mcip_is_set_is_a_shutdown() {
     require_kvm!();
     // The handler of an action-optional check reads a poisoned page: a
     // machine check during a machine check.
-    let (vm, buf) = start(
+    let (code, out, err, ar, _) = ar_and_ao_pipelined(
         "mce-ar-in-handler",
-        "1",
         "pages=4 handler_touch=1 count=2 wait_ms=30000",
     );
-    let (ar, ao) = (buf + PAGE, buf + 2 * PAGE);
-    let resps = pipelined(
-        &vm.sock,
-        &[poison_body(ar, "required"), poison_body(ao, "optional")],
-    );
-    assert_mapped(&resps);
-    let (code, out, err) = vm.finish(T);
     assert_eq!(code, 71, "guest crash expected:\n{out}\n{err}");
     assert!(
         out.contains(&format!("handler reading gpa={ar:#x} with MCIP set")),
