@@ -13,6 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::Instant;
 
+mod common;
+
+use common::stress_ops;
 use guestmem::*;
 use proptest::prelude::*;
 
@@ -166,17 +169,6 @@ proptest! {
 /// API operations per stress round (and the default of
 /// `GUESTMEM_STRESS_OPS`).
 const ROUND_OPS: u64 = 1500;
-
-/// `GUESTMEM_STRESS_OPS` (a count, `_` separators allowed), else `default`.
-fn stress_ops(default: u64) -> u64 {
-    match std::env::var("GUESTMEM_STRESS_OPS") {
-        Ok(v) => v
-            .replace('_', "")
-            .parse()
-            .unwrap_or_else(|e| panic!("GUESTMEM_STRESS_OPS={v:?}: {e}")),
-        Err(_) => default,
-    }
-}
 
 /// Sets the flag when dropped, also when the thread that owns it panics:
 /// the worker threads then stop and the panic is reported, no hang.

@@ -4,11 +4,13 @@
 //! without its start.
 #![cfg(not(feature = "loom"))]
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Barrier, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+mod common;
+
+use common::Gate;
 use guestmem::*;
 
 const MIB: u64 = 1 << 20;
@@ -102,23 +104,6 @@ fn subscriber_registered_during_invalidations_sees_their_starts_and_ends() {
     assert!(list.unregister(id));
 }
 
-/// Blocks the first start it sees until released.
-struct Gate {
-    entered: Barrier,
-    leave: Barrier,
-    armed: AtomicBool,
-}
-
-impl MmuNotifier for Gate {
-    fn invalidate_range_start(&self, _inv: &Invalidation) {
-        if self.armed.swap(false, Ordering::SeqCst) {
-            self.entered.wait();
-            self.leave.wait();
-        }
-    }
-    fn invalidate_range_end(&self, _inv: &Invalidation) {}
-}
-
 /// Receive within [`LIMIT`] or fail naming what did not happen.
 #[track_caller]
 fn recv<T>(rx: &mpsc::Receiver<T>, what: &str) -> T {
@@ -137,11 +122,7 @@ fn checker_registered_during_a_release_sees_its_changes_covered() {
     for gpa in (0..4 * MIB).step_by(4096) {
         gm.resolve(gpa, 0).unwrap();
     }
-    let gate = Arc::new(Gate {
-        entered: Barrier::new(2),
-        leave: Barrier::new(2),
-        armed: true.into(),
-    });
+    let gate = Arc::new(Gate::new());
     gm.notifiers().register(gate.clone());
     let checker = Arc::new(BracketChecker::new());
     assert!(gm.set_primary_observer(checker.clone()));

@@ -23,6 +23,9 @@ use std::time::{Duration, Instant};
 
 use guestmem::frame::{LOCKED, WAITERS};
 use guestmem::page_lock::UNFAIRNESS;
+mod common;
+
+use common::stress_ops;
 use guestmem::*;
 
 const FRAMES: u32 = 2;
@@ -53,17 +56,6 @@ fn seed() -> u64 {
         });
     eprintln!("PAGE_LOCK_SEED={s}");
     s | 1
-}
-
-/// `GUESTMEM_STRESS_OPS` (a count, `_` separators allowed), else `default`.
-fn stress_ops(default: u64) -> u64 {
-    match std::env::var("GUESTMEM_STRESS_OPS") {
-        Ok(v) => v
-            .replace('_', "")
-            .parse()
-            .unwrap_or_else(|e| panic!("GUESTMEM_STRESS_OPS={v:?}: {e}")),
-        Err(_) => default,
-    }
 }
 
 /// A detached thread whose result the test waits for with a bound.

@@ -7,6 +7,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+mod common;
+
+use common::Gate;
 use guestmem::*;
 
 const MIB: u64 = 1 << 20;
@@ -164,23 +167,6 @@ fn oom_reclaims_zero_pages() {
     rec.assert_bracketed();
 }
 
-/// Blocks the first bracket it sees until released.
-struct Gate {
-    entered: std::sync::Barrier,
-    leave: std::sync::Barrier,
-    armed: std::sync::atomic::AtomicBool,
-}
-
-impl MmuNotifier for Gate {
-    fn invalidate_range_start(&self, _inv: &Invalidation) {
-        if self.armed.swap(false, Ordering::SeqCst) {
-            self.entered.wait();
-            self.leave.wait();
-        }
-    }
-    fn invalidate_range_end(&self, _inv: &Invalidation) {}
-}
-
 #[test]
 fn busy_memory_operation_means_no_reclaim_now() {
     // Another memory operation (here a balloon release, stopped inside its
@@ -190,11 +176,7 @@ fn busy_memory_operation_means_no_reclaim_now() {
     for gpa in (0..4 * MIB).step_by(4096) {
         gm.resolve(gpa, 0).unwrap();
     }
-    let gate = Arc::new(Gate {
-        entered: std::sync::Barrier::new(2),
-        leave: std::sync::Barrier::new(2),
-        armed: true.into(),
-    });
+    let gate = Arc::new(Gate::new());
     gm.notifiers().register(gate.clone());
     std::thread::scope(|s| {
         let g2 = gm.clone();
